@@ -1,0 +1,49 @@
+"""DeepSeek-V3 (671B total, ~37B activated per token; 61 layers, 256 routed + 1 shared experts, MTP).
+
+The released architecture, for planning and for importing the released weights:
+  python -m tools.plan --config=configs/deepseek_v3.py
+prints total_params: 671.0B, activated_params: ~37B. Training it needs a TPU pod or a GPU cluster.
+"""
+
+from configs.common import run_config
+
+
+def get_config():
+  return run_config(dict(
+      vocab_size=129280,
+      hidden_size=7168,
+      num_layers=61,  # main model; the MTP module adds one more block
+      num_heads=128,
+      q_lora_rank=1536,
+      kv_lora_rank=512,
+      qk_nope_head_dim=128,
+      qk_rope_head_dim=64,
+      v_head_dim=128,
+      first_k_dense=3,  # layers 0-2 are dense
+      dense_intermediate_size=18432,
+      n_routed_experts=256,
+      n_shared_experts=1,
+      moe_intermediate_size=2048,
+      num_experts_per_tok=8,
+      score_func="sigmoid",  # sigmoid affinities, selection bias for aux-loss-free balancing
+      router_bias=True,
+      n_group=8,  # node-limited routing: 8 groups, keep the best 4 by top-2-sum
+      topk_group=4,
+      group_score="top2_sum",
+      norm_topk_prob=True,
+      routed_scaling_factor=2.5,
+      max_position_embeddings=163840,
+      rope_theta=10000.0,
+      rope_type="yarn",  # 4K pretraining context extended 40x
+      rope_factor=40.0,
+      original_max_position_embeddings=4096,
+      beta_fast=32.0,
+      beta_slow=1.0,
+      mscale=1.0,
+      mscale_all_dim=1.0,
+      mtp_depth=1,
+      rms_norm_eps=1e-6,
+      init_std=0.006,
+      dtype="bfloat16",  # compute
+      param_dtype="float32",  # master weights
+  ))

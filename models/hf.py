@@ -1,0 +1,202 @@
+"""Import and export of Hugging Face DeepSeek-V2/V3 checkpoints (config.json + safetensors).
+
+    model = models.load_hf_checkpoint("/path/to/DeepSeek-V3", dtype=jnp.bfloat16)
+    models.save_hf_checkpoint(model, "/path/to/out")
+
+HF stores linear weights as [out, in]; we store [in, ...out] with heads split out, stacked over layers.
+FP8 (e4m3) weights are dequantised on load with their 128×128 `weight_scale_inv` block scales.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import safetensors_io
+from models.config import ModelConfig
+from models.hf_config import model_config_from_hf, model_config_to_hf
+from models.transformer import Transformer
+
+Path = tuple[str, ...]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that cannot be read as the expected DeepSeek layout."""
+
+
+def _block_table(cfg: ModelConfig, moe: bool) -> list[tuple[str, Path, Callable, Callable]]:
+  """(HF name under a layer prefix, our path inside a DecoderBlock, hf→ours, ours→hf)."""
+  h, d = cfg.num_heads, cfg.hidden_size
+  same = (lambda w: w, lambda p: p)
+  t = (lambda w: w.T, lambda p: p.T)
+  heads_out = lambda k: (lambda w: w.T.reshape(w.shape[1], h, k), lambda p: p.reshape(p.shape[0], -1).T)
+  heads_in = (lambda w: w.T.reshape(h, cfg.v_head_dim, d), lambda p: p.reshape(-1, d).T)
+  rows = [("input_layernorm.weight", ("attn_norm", "scale"), *same),
+          ("post_attention_layernorm.weight", ("ffn_norm", "scale"), *same),
+          ("self_attn.kv_a_proj_with_mqa.weight", ("attn", "wkv_a"), *t),
+          ("self_attn.kv_a_layernorm.weight", ("attn", "kv_norm", "scale"), *same),
+          ("self_attn.kv_b_proj.weight", ("attn", "wkv_b"), *heads_out(cfg.qk_nope_head_dim + cfg.v_head_dim)),
+          ("self_attn.o_proj.weight", ("attn", "wo"), *heads_in)]
+  if cfg.q_lora_rank is None:
+    rows.append(("self_attn.q_proj.weight", ("attn", "wq"), *heads_out(cfg.qk_head_dim)))
+  else:
+    rows += [("self_attn.q_a_proj.weight", ("attn", "wq_a"), *t),
+             ("self_attn.q_a_layernorm.weight", ("attn", "q_norm", "scale"), *same),
+             ("self_attn.q_b_proj.weight", ("attn", "wq_b"), *heads_out(cfg.qk_head_dim))]
+  if cfg.attention_bias:
+    if cfg.q_lora_rank is not None:
+      rows.append(("self_attn.q_a_proj.bias", ("attn", "wq_a_bias"), *same))
+    rows += [("self_attn.kv_a_proj_with_mqa.bias", ("attn", "wkv_a_bias"), *same),
+             ("self_attn.o_proj.bias", ("attn", "wo_bias"), *same)]
+
+  def mlp_rows(hf_prefix, path):
+    out = [(f"{hf_prefix}.{n}_proj.weight", path + (n,), *t) for n in ("gate", "up", "down")]
+    if cfg.mlp_bias:
+      out += [(f"{hf_prefix}.{n}_proj.bias", path + (f"{n}_bias",), *same) for n in ("gate", "up", "down")]
+    return out
+
+  if not moe:
+    return rows + mlp_rows("mlp", ("ffn",))
+  rows.append(("mlp.gate.weight", ("ffn", "router", "kernel"), *t))
+  if cfg.router_bias:
+    rows.append(("mlp.gate.e_score_correction_bias", ("ffn", "router", "bias"), *same))
+  if cfg.n_shared_experts:
+    rows += mlp_rows("mlp.shared_experts", ("ffn", "shared"))
+  for e in range(cfg.n_routed_experts):
+    for n in ("gate", "up", "down"):
+      rows.append((f"mlp.experts.{e}.{n}_proj.weight", ("ffn", "experts", n, e), *t))
+  return rows
+
+
+def _layout(cfg: ModelConfig):
+  """Yields (hf_name, our_path, hf→ours, ours→hf); an int in our path indexes a stacked axis."""
+  same, t = (lambda w: w, lambda p: p), (lambda w: w.T, lambda p: p.T)
+  yield "model.embed_tokens.weight", ("embed",), *same
+  yield "model.norm.weight", ("final_norm", "scale"), *same
+  yield "lm_head.weight", ("lm_head",), *t
+  for i in range(cfg.num_layers):
+    moe = i >= cfg.first_k_dense
+    stack, j = ("moe_layers", i - cfg.first_k_dense) if moe else ("dense_layers", i)
+    for name, path, to_ours, to_hf in _block_table(cfg, moe):
+      yield f"model.layers.{i}.{name}", (stack, j) + path, to_ours, to_hf
+  if cfg.mtp_depth:
+    n = cfg.num_layers
+    yield f"model.layers.{n}.enorm.weight", ("mtp", "enorm", "scale"), *same
+    yield f"model.layers.{n}.hnorm.weight", ("mtp", "hnorm", "scale"), *same
+    yield f"model.layers.{n}.eh_proj.weight", ("mtp", "eh_proj"), *t
+    yield f"model.layers.{n}.shared_head.norm.weight", ("mtp", "norm", "scale"), *same
+    for name, path, to_ours, to_hf in _block_table(cfg, moe=True):
+      yield f"model.layers.{n}.{name}", ("mtp", "block") + path, to_ours, to_hf
+
+
+class _Reader:
+  """Finds tensors across single or sharded safetensors files; dequantises FP8 on access."""
+
+  def __init__(self, ckpt_dir: str):
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".safetensors"))
+      weight_map = None
+    if not files:
+      raise CheckpointError(f"{ckpt_dir}: no *.safetensors files and no model.safetensors.index.json")
+    self.files = {}
+    for name in files:
+      path = os.path.join(ckpt_dir, name)
+      if not os.path.exists(path):
+        raise CheckpointError(f"{ckpt_dir}: shard {name} listed in the index is missing")
+      self.files[name] = safetensors_io.SafetensorsFile(path)
+    self.where = {k: n for n, f in self.files.items() for k in f.keys()}
+    self.ckpt_dir = ckpt_dir
+
+  def __contains__(self, name):
+    return name in self.where
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self.where:
+      raise CheckpointError(f"{self.ckpt_dir}: tensor {name!r} is missing from the checkpoint")
+    w = self.files[self.where[name]].get(name)
+    scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
+    if str(w.dtype).startswith("float8"):
+      if scale_name not in self.where:
+        raise CheckpointError(f"{self.ckpt_dir}: FP8 tensor {name!r} has no {scale_name!r}")
+      return safetensors_io.dequantize_fp8(w, self.files[self.where[scale_name]].get(scale_name))
+    return np.asarray(w, np.float32)
+
+
+def read_hf_config(ckpt_dir: str) -> dict:
+  path = os.path.join(ckpt_dir, "config.json")
+  if not os.path.isdir(ckpt_dir):
+    raise CheckpointError(f"checkpoint directory {ckpt_dir!r} does not exist")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{ckpt_dir}: config.json is missing")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_hf_checkpoint(ckpt_dir: str, dtype=jnp.float32, param_dtype=None, **config_overrides) -> Transformer:
+  """Reads a DeepSeek-V2/V3 HF checkpoint directory into a Transformer (compute in `dtype`)."""
+  hf = read_hf_config(ckpt_dir)
+  reader = _Reader(ckpt_dir)
+  overrides = dict(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+  cfg = model_config_from_hf(hf, **overrides)
+  if cfg.mtp_depth and not any(k.startswith(f"model.layers.{cfg.num_layers}.") for k in reader.where):
+    logging.warning("%s declares %d MTP layer(s) but holds no MTP weights; loading without MTP",
+                    ckpt_dir, cfg.mtp_depth)
+    cfg = cfg.replace(mtp_depth=0)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  flat = dict(nnx.to_flat_state(state))
+  values: dict[Path, np.ndarray] = {}
+  for name, path, to_ours, _ in _layout(cfg):
+    array_path, index = _split_index(path)
+    if array_path not in flat:
+      raise CheckpointError(f"internal layout error: {array_path} is not a model parameter")
+    target = flat[array_path].get_value()
+    if array_path not in values:
+      values[array_path] = np.zeros(target.shape, np.float32)
+    w = to_ours(reader.get(name))
+    expected = target.shape[len(index):]
+    if w.shape != tuple(expected):
+      raise CheckpointError(f"{ckpt_dir}: tensor {name!r} has shape {reader.get(name).shape}, which does "
+                            f"not fit {array_path} {tuple(expected)} under this config.json")
+    values[array_path][index] = w
+  missing = sorted(set(flat) - set(values))
+  if missing:
+    raise CheckpointError(f"internal layout error: parameters without HF source: {missing}")
+  for path, var in flat.items():
+    var.set_value(jnp.asarray(values[path], var.get_value().dtype))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _split_index(path: Path) -> tuple[Path, tuple[int, ...]]:
+  names = tuple(p for p in path if not isinstance(p, int))
+  return names, tuple(p for p in path if isinstance(p, int))
+
+
+def save_hf_checkpoint(model: Transformer, out_dir: str, dtype=np.float32) -> None:
+  """Writes `model` as a transformers-loadable checkpoint (config.json + model.safetensors)."""
+  cfg = model.cfg
+  flat = {path: np.asarray(jax.device_get(var.get_value()), np.float32)
+          for path, var in nnx.to_flat_state(nnx.state(model))}
+  tensors = {}
+  for name, path, _, to_hf in _layout(cfg):
+    array_path, index = _split_index(path)
+    tensors[name] = np.ascontiguousarray(to_hf(flat[array_path][index])).astype(dtype)
+  if cfg.mtp_depth:  # the released layout repeats the shared embedding and head inside the MTP layer
+    tensors[f"model.layers.{cfg.num_layers}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
+    tensors[f"model.layers.{cfg.num_layers}.shared_head.head.weight"] = tensors["lm_head.weight"]
+  os.makedirs(out_dir, exist_ok=True)
+  safetensors_io.write(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(model_config_to_hf(cfg), f, indent=2)

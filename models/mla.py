@@ -1,0 +1,98 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), training and prefill path.
+
+Keys and values come from a shared low-rank latent c = kv_norm(x W_DKV) (rank R), expanded per head by
+W_UKV; a separate rope key k_pe (Kr dims) is shared by every head. The steps are factored so a decode
+cache can keep only (c, k_pe) and absorb W_UK into the query and W_UV into the output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import RMSNorm, matmul, param
+from models.rope import apply_rope
+
+
+def attention_mask(q_positions_BT, kv_positions_BS, q_segments_BT=None, kv_segments_BS=None):
+  """[B, 1, T, S] boolean: causal by position, and within one segment (packed documents)."""
+  mask = q_positions_BT[:, :, None] >= kv_positions_BS[:, None, :]
+  if q_segments_BT is not None:
+    mask &= q_segments_BT[:, :, None] == kv_segments_BS[:, None, :]
+  return mask[:, None]
+
+
+class MLA(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h = cfg.hidden_size, cfg.num_heads
+    if cfg.q_lora_rank is None:
+      self.wq = param(rngs, (d, h, cfg.qk_head_dim), ("embed", "heads", "kv"), cfg)
+    else:
+      self.wq_a = param(rngs, (d, cfg.q_lora_rank), ("embed", "q_lora"), cfg)
+      self.q_norm = RMSNorm(cfg.q_lora_rank, cfg, rngs=rngs, eps=cfg.latent_norm_eps, axis_name="q_lora")
+      self.wq_b = param(rngs, (cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "kv"), cfg)
+    self.wkv_a = param(rngs, (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"), cfg)
+    self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg, rngs=rngs, eps=cfg.latent_norm_eps, axis_name="kv_lora")
+    self.wkv_b = param(rngs, (cfg.kv_lora_rank, h, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                       ("kv_lora", "heads", "kv"), cfg)
+    self.wo = param(rngs, (h, cfg.v_head_dim, d), ("heads", "kv", "embed"), cfg)
+    if cfg.attention_bias:
+      if cfg.q_lora_rank is not None:
+        self.wq_a_bias = param(rngs, (cfg.q_lora_rank,), ("q_lora",), cfg, init="zeros")
+      self.wkv_a_bias = param(rngs, (cfg.kv_lora_rank + cfg.qk_rope_head_dim,), ("kv_lora",), cfg,
+                              init="zeros")
+      self.wo_bias = param(rngs, (d,), ("embed",), cfg, init="zeros")
+
+  def _bias(self, name):
+    b = getattr(self, name, None)
+    return 0 if b is None else b[...].astype(self.cfg.dtype)
+
+  def query(self, x_BTD, cos_BTK, sin_BTK):
+    """Per-head queries split into (q_nope [B,T,H,Kn], roped q_pe [B,T,H,Kr])."""
+    cfg = self.cfg
+    if cfg.q_lora_rank is None:
+      q_BTHK = matmul(x_BTD, self.wq[...], cfg, "btd,dhk->bthk")
+    else:
+      cq_BTR = matmul(x_BTD, self.wq_a[...], cfg, "btd,dr->btr") + self._bias("wq_a_bias")
+      q_BTHK = matmul(self.q_norm(cq_BTR), self.wq_b[...], cfg, "btr,rhk->bthk")
+    q_nope, q_pe = jnp.split(q_BTHK, [cfg.qk_nope_head_dim], axis=-1)
+    return q_nope, apply_rope(q_pe, cos_BTK, sin_BTK, cfg.rope_interleave)
+
+  def latent(self, x_BTD, cos_BTK, sin_BTK):
+    """What an absorbed decode cache keeps: (kv_norm(c) [B,T,R], roped shared k_pe [B,T,Kr])."""
+    cfg = self.cfg
+    kv_BTX = matmul(x_BTD, self.wkv_a[...], cfg, "btd,dx->btx") + self._bias("wkv_a_bias")
+    c_BTR, k_pe_BTK = jnp.split(kv_BTX, [cfg.kv_lora_rank], axis=-1)
+    return self.kv_norm(c_BTR), apply_rope(k_pe_BTK, cos_BTK, sin_BTK, cfg.rope_interleave)
+
+  def expand(self, c_BSR):
+    """W_UKV: latent → per-head (k_nope [B,S,H,Kn], v [B,S,H,Kv])."""
+    kv_BSHK = matmul(c_BSR, self.wkv_b[...], self.cfg, "bsr,rhk->bshk")
+    return jnp.split(kv_BSHK, [self.cfg.qk_nope_head_dim], axis=-1)
+
+  def output(self, o_BTHK):
+    return matmul(o_BTHK, self.wo[...], self.cfg, "bthk,hkd->btd") + self._bias("wo_bias")
+
+  def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_B1TS):
+    cfg = self.cfg
+    q_nope_BTHK, q_pe_BTHK = self.query(x_BTD, cos_BTK, sin_BTK)
+    c_BSR, k_pe_BSK = self.latent(x_BTD, cos_BTK, sin_BTK)
+    k_nope_BSHK, v_BSHK = self.expand(c_BSR)
+    # The rope key is one head shared by all heads: score it separately instead of broadcasting it.
+    scores_BHTS = (
+        jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BSHK, preferred_element_type=jnp.float32)
+        + jnp.einsum("bthk,bsk->bhts", q_pe_BTHK, k_pe_BSK, preferred_element_type=jnp.float32))
+    o_BTHK = attend(scores_BHTS * cfg.softmax_scale, mask_B1TS, v_BSHK)
+    return self.output(o_BTHK)
+
+
+def attend(scores_BHTS, mask_B1TS, v_BSHK):
+  """Masked float32 softmax over keys, then the weighted sum of values (in v's dtype)."""
+  scores_BHTS = jnp.where(mask_B1TS, scores_BHTS, jnp.finfo(jnp.float32).min)
+  probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
+  return jnp.einsum("bhts,bshk->bthk", probs_BHTS.astype(v_BSHK.dtype), v_BSHK,
+                    preferred_element_type=jnp.float32).astype(v_BSHK.dtype)

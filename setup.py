@@ -1,0 +1,29 @@
+"""deepseek-jax: DeepSeek-V3-class models (MLA, DeepSeekMoE, MTP) in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="deepseek-jax",
+    version="0.1.0",
+    description="Train, evaluate and sample DeepSeek-V3-class models in JAX/Flax on CPU, GPU or TPU.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["models", "models.*", "configs", "configs.*", "tools", "tools.*"]),
+    install_requires=[
+        "jax>=0.11",
+        "flax>=0.12.10",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "chex>=0.1.90",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "safetensors>=0.4",
+        "ml-dtypes>=0.5",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "gpu": ["jax[cuda12]", "tokamax"],
+    },
+)

@@ -1,0 +1,85 @@
+"""Plan a model before running it: parameters, activated parameters, FLOPs and cache sizes.
+
+  python -m tools.plan --config=configs/deepseek_v3.py [--seq_len=4096]
+  python -m tools.plan --config=configs/tiny.py --forward   # also init + jitted forward/backward
+
+Counts come from the real module shapes (an abstract init; nothing is allocated).
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+import models
+from models import counting
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Training sequence length for the FLOP estimate.")
+_FORWARD = flags.DEFINE_bool("forward", False, "Initialise the model and run a jitted forward+backward "
+                             "pass on random tokens (only sensible for small configs).")
+
+
+def _b(n: float) -> str:
+  return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def report(cfg: models.ModelConfig, seq_len: int) -> str:
+  counts = counting.count_params(cfg)
+  latent, expanded = counting.cache_values_per_token(cfg)
+  lines = [
+      f"total_params: {_b(counts.total)}",
+      f"activated_params: {_b(counts.activated)}",
+      f"embedding_params: {_b(counts.embedding)}",
+      f"routed_expert_params: {_b(counts.routed_experts)}",
+      f"mtp_params: {_b(counts.mtp)} (excluded from total; shares embedding and head)",
+      f"train_flops_per_token: {counting.train_flops_per_token(cfg, seq_len):.4g} (seq_len {seq_len}, MTP included)",
+      f"kv_cache_values_per_token_per_layer: {latent} latent vs {expanded} expanded "
+      f"({expanded / latent:.1f}x smaller)",
+      "params by component:",
+  ]
+  lines += [f"  {name:32s} {_b(n)}" for name, n in sorted(counts.by_component.items())]
+  return "\n".join(lines)
+
+
+def forward_backward(cfg: models.ModelConfig, seed: int, batch: int = 2, length: int = 128) -> str:
+  """One jitted next-token (+MTP) loss and gradient on random tokens; reports loss and timing."""
+  length = min(length, cfg.max_position_embeddings)
+  model = models.Transformer(cfg, rngs=nnx.Rngs(seed))
+  ids = jax.random.randint(jax.random.key(seed + 1), (batch, length), 0, cfg.vocab_size)
+
+  def loss_fn(model):
+    out = model.forward(ids, with_mtp=bool(cfg.mtp_depth))
+    logp = jax.nn.log_softmax(out.logits[:, :-1])
+    loss = -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+    if out.mtp_logits is not None:
+      mtp_logp = jax.nn.log_softmax(out.mtp_logits[:, :-1])
+      loss += 0.3 * -jnp.mean(jnp.take_along_axis(mtp_logp, ids[:, 2:, None], axis=-1))
+    return loss
+
+  step = nnx.jit(nnx.value_and_grad(loss_fn))
+  start = time.perf_counter()
+  loss, grads = jax.block_until_ready(step(model))
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  jax.block_until_ready(step(model))
+  grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(nnx.state(grads))))
+  return (f"forward_backward: loss {float(loss):.4f} (ln V = {jnp.log(cfg.vocab_size):.4f}), "
+          f"grad_norm {float(grad_norm):.4f}, batch {batch}x{length}, first call {compile_s:.1f}s, "
+          f"step {1e3 * (time.perf_counter() - start):.1f}ms on {jax.devices()[0].platform}")
+
+
+def main(argv):
+  del argv
+  cfg = models.from_dict(_CONFIG.value.model.to_dict())
+  print(report(cfg, _SEQ_LEN.value))
+  if _FORWARD.value:
+    print(forward_backward(cfg, _CONFIG.value.seed))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
