@@ -67,7 +67,7 @@ def _block_table(cfg: ModelConfig, moe: bool) -> list[tuple[str, Path, Callable,
   rows.append(("mlp.gate.weight", ("ffn", "router", "kernel"), *t))
   if cfg.router_bias:
     rows.append(("mlp.gate.e_score_correction_bias", ("ffn", "router", "bias"), *same))
-  if cfg.n_shared_experts:
+  if cfg.n_shared_experts or cfg.mlp_bias:
     rows += mlp_rows("mlp.shared_experts", ("ffn", "shared"))
   for e in range(cfg.n_routed_experts):
     for n in ("gate", "up", "down"):
@@ -171,12 +171,25 @@ def load_hf_checkpoint(ckpt_dir: str, dtype=jnp.float32, param_dtype=None, **con
       raise CheckpointError(f"{ckpt_dir}: tensor {name!r} has shape {reader.get(name).shape}, which does "
                             f"not fit {array_path} {tuple(expected)} under this config.json")
     values[array_path][index] = w
+  _warn_unused(reader, {name for name, *_ in _layout(cfg)}, cfg)
   missing = sorted(set(flat) - set(values))
   if missing:
     raise CheckpointError(f"internal layout error: parameters without HF source: {missing}")
   for path, var in flat.items():
     var.set_value(jnp.asarray(values[path], var.get_value().dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _warn_unused(reader: _Reader, used: set[str], cfg: ModelConfig) -> None:
+  """Tensors the layout does not read are reported, so nothing is dropped silently."""
+  mtp_shared = {f"model.layers.{cfg.num_layers}.{n}" for n in ("embed_tokens.weight", "shared_head.head.weight")}
+  unused = sorted(k for k in reader.where if k not in used and k not in mtp_shared
+                  and not k.endswith(".weight_scale_inv") and not k.startswith(f"model.layers.{cfg.num_layers + 1}."))
+  if cfg.mtp_depth == 0:
+    unused = [k for k in unused if not k.startswith(f"model.layers.{cfg.num_layers}.")]
+  if unused:
+    logging.warning("%s: %d checkpoint tensors are not used by this model, e.g. %s", reader.ckpt_dir,
+                    len(unused), unused[:5])
 
 
 def _split_index(path: Path) -> tuple[Path, tuple[int, ...]]:

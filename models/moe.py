@@ -4,7 +4,8 @@
   no token is ever dropped.
 - "capacity": scatter assignments into a fixed [E, C, D] buffer (C slots per expert, first come first
   served in token order), batched einsum, gather back; assignments beyond capacity are dropped.
-With ample capacity the two agree exactly.
+With ample capacity the two agree exactly. Under an ambient mesh (`jax.set_mesh`) whose "expert" axis
+is > 1, the routed experts run expert-parallel (all_to_all dispatch) through sharding/expert_parallel.py.
 """
 
 from __future__ import annotations
@@ -30,49 +31,71 @@ class RoutedExperts(nnx.Module):
     self.up = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), cfg)
     self.down = param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg)
 
+  def weights(self):
+    return self.gate[...], self.up[...], self.down[...]
+
   def __call__(self, x_ND, routing: Routing):
     """x [N, D] with routing over the same N tokens (leading dims flattened) → [N, D]."""
     k = self.cfg.num_experts_per_tok
     experts_A = routing.experts_BTk.reshape(-1)
-    weights_A = routing.weights_BTk.reshape(-1)
     tokens_A = jnp.arange(experts_A.shape[0], dtype=jnp.int32) // k
-    if self.cfg.moe_backend == "dropless":
-      y_AD = self._dropless(x_ND, experts_A, tokens_A)
-    else:
-      y_AD = self._capacity(x_ND, experts_A, tokens_A)
-    y_AD = y_AD.astype(jnp.float32) * weights_A[:, None]
-    return jnp.zeros(x_ND.shape, jnp.float32).at[tokens_A].add(y_AD).astype(x_ND.dtype)
+    y_AD = expert_ffn(self.cfg, self.weights(), x_ND, tokens_A, experts_A)
+    return combine(y_AD, routing.weights_BTk.reshape(-1), tokens_A, x_ND.shape[0]).astype(x_ND.dtype)
 
-  def _ffn_grouped(self, x_AD, group_sizes_E):
-    dt = self.cfg.dtype
-    ragged = lambda x, w: jax.lax.ragged_dot(x.astype(dt), w.astype(dt), group_sizes_E,
-                                            preferred_element_type=jnp.float32).astype(dt)
-    h_AF = jax.nn.silu(ragged(x_AD, self.gate[...])) * ragged(x_AD, self.up[...])
-    return ragged(h_AF, self.down[...])
 
-  def _dropless(self, x_ND, experts_A, tokens_A):
-    order_A = jnp.argsort(experts_A, stable=True)
-    group_sizes_E = jnp.bincount(experts_A, length=self.cfg.n_routed_experts).astype(jnp.int32)
-    y_sorted_AD = self._ffn_grouped(x_ND[tokens_A[order_A]], group_sizes_E)
-    return jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)
+def combine(y_AD, weights_A, tokens_A, num_tokens: int):
+  """Σ over a token's assignments of weight · expert output, float32 [N, D]."""
+  y_AD = y_AD.astype(jnp.float32) * weights_A[:, None]
+  return jnp.zeros((num_tokens, y_AD.shape[-1]), jnp.float32).at[tokens_A].add(y_AD)
 
-  def _capacity(self, x_ND, experts_A, tokens_A):
-    cfg = self.cfg
-    e = cfg.n_routed_experts
-    capacity = max(1, math.ceil(cfg.capacity_factor * experts_A.shape[0] / e))
-    one_hot_AE = jax.nn.one_hot(experts_A, e, dtype=jnp.int32)
-    slot_A = jnp.sum((jnp.cumsum(one_hot_AE, axis=0) - 1) * one_hot_AE, axis=-1)
-    kept_A = slot_A < capacity
-    flat_slot_A = jnp.where(kept_A, experts_A * capacity + slot_A, e * capacity)  # dropped → out of range
-    buf_ECD = (jnp.zeros((e * capacity, x_ND.shape[-1]), cfg.dtype)
-               .at[flat_slot_A].set(x_ND[tokens_A].astype(cfg.dtype), mode="drop")
-               .reshape(e, capacity, -1))
-    mm = lambda spec, a, w: jnp.einsum(spec, a, w.astype(cfg.dtype),
-                                       preferred_element_type=jnp.float32).astype(cfg.dtype)
-    h_ECF = jax.nn.silu(mm("ecd,edf->ecf", buf_ECD, self.gate[...])) * mm("ecd,edf->ecf", buf_ECD, self.up[...])
-    y_ECD = mm("ecf,efd->ecd", h_ECF, self.down[...])
-    y_AD = y_ECD.reshape(e * capacity, -1).at[flat_slot_A].get(mode="fill", fill_value=0)
-    return jnp.where(kept_A[:, None], y_AD, 0)
+
+def expert_ffn(cfg: ModelConfig, weights, x_ND, tokens_A, experts_A):
+  """Row a = expert experts_A[a] applied to x_ND[tokens_A[a]] (tokens_A None: to x_ND[a]) → [A, D].
+
+  weights = (gate [E', D, F'], up [E', D, F'], down [E', F', D]) may be a slice of the experts (an
+  expert-parallel shard: E' local experts, F' a tensor shard of F); ids ≥ E' mark padding rows → 0.
+  """
+  backend = _dropless if cfg.moe_backend == "dropless" else _capacity
+  return backend(cfg, weights, x_ND, tokens_A, experts_A)
+
+
+def _rows(x_ND, tokens_A):
+  return x_ND if tokens_A is None else x_ND[tokens_A]
+
+
+def _dropless(cfg, weights, x_ND, tokens_A, experts_A):
+  gate, up, down = weights
+  e = gate.shape[0]
+  order_A = jnp.argsort(experts_A, stable=True)  # padding ids (≥ e) sort last, outside every group
+  group_sizes_E = jnp.bincount(experts_A, length=e).astype(jnp.int32)
+  rows_A = order_A if tokens_A is None else tokens_A[order_A]
+  ragged = lambda x, w: jax.lax.ragged_dot(x.astype(cfg.dtype), w.astype(cfg.dtype), group_sizes_E,
+                                          preferred_element_type=jnp.float32).astype(cfg.dtype)
+  x_sorted_AD = x_ND[rows_A]
+  y_sorted_AD = ragged(jax.nn.silu(ragged(x_sorted_AD, gate)) * ragged(x_sorted_AD, up), down)
+  y_AD = jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)
+  return jnp.where((experts_A < e)[:, None], y_AD, 0)
+
+
+def _capacity(cfg, weights, x_ND, tokens_A, experts_A):
+  gate, up, down = weights
+  e = gate.shape[0]
+  # Slots per expert = ceil(cf · rows / E): with all E experts local this is cf × the balanced load;
+  # an expert-parallel shard sees (expert-axis size)× the local rows for E/(axis size) experts.
+  capacity = max(1, math.ceil(cfg.capacity_factor * experts_A.shape[0] / cfg.n_routed_experts))
+  one_hot_AE = jax.nn.one_hot(experts_A, e, dtype=jnp.int32)
+  slot_A = jnp.sum((jnp.cumsum(one_hot_AE, axis=0) - 1) * one_hot_AE, axis=-1)
+  kept_A = (slot_A < capacity) & (experts_A < e)
+  flat_slot_A = jnp.where(kept_A, experts_A * capacity + slot_A, e * capacity)  # dropped → out of range
+  buf_ECD = (jnp.zeros((e * capacity, x_ND.shape[-1]), cfg.dtype)
+             .at[flat_slot_A].set(_rows(x_ND, tokens_A).astype(cfg.dtype), mode="drop")
+             .reshape(e, capacity, -1))
+  mm = lambda spec, a, w: jnp.einsum(spec, a, w.astype(cfg.dtype),
+                                     preferred_element_type=jnp.float32).astype(cfg.dtype)
+  h_ECF = jax.nn.silu(mm("ecd,edf->ecf", buf_ECD, gate)) * mm("ecd,edf->ecf", buf_ECD, up)
+  y_ECD = mm("ecf,efd->ecd", h_ECF, down)
+  y_AD = y_ECD.reshape(e * capacity, -1).at[flat_slot_A].get(mode="fill", fill_value=0)
+  return jnp.where(kept_A[:, None], y_AD, 0)
 
 
 class MoE(nnx.Module):
@@ -82,14 +105,16 @@ class MoE(nnx.Module):
     self.cfg = cfg
     self.router = Router(cfg, rngs=rngs)
     self.experts = RoutedExperts(cfg, rngs=rngs)
+    # With no shared experts but MLP biases, transformers' V2 still adds a width-0 shared MLP whose
+    # output bias is live; a width-0 MLP reproduces that exactly.
     self.shared = MLP(cfg, cfg.n_shared_experts * cfg.moe_intermediate_size, rngs=rngs) \
-        if cfg.n_shared_experts else None
+        if cfg.n_shared_experts or cfg.mlp_bias else None
 
   def __call__(self, x_BTD, valid_BT=None):
     cfg = self.cfg
     b, t, d = x_BTD.shape
     routing = self.router(x_BTD)
-    y_BTD = self.experts(x_BTD.reshape(b * t, d), routing).reshape(b, t, d)
+    y_BTD = _routed_experts(self.experts, x_BTD.reshape(b * t, d), routing).reshape(b, t, d)
     if self.shared is not None:
       y_BTD = y_BTD + self.shared(x_BTD)
     aux = {
@@ -98,3 +123,12 @@ class MoE(nnx.Module):
                                               valid_BT),
     }
     return y_BTD, aux
+
+
+def _routed_experts(experts: RoutedExperts, x_ND, routing: Routing):
+  """Expert-parallel dispatch when the ambient mesh (`jax.set_mesh`) splits experts, else local."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and dict(mesh.shape).get("expert", 1) > 1:
+    from sharding import expert_parallel  # lazy: importing models never imports sharding
+    return expert_parallel.routed_experts(experts, x_ND, routing, mesh)
+  return experts(x_ND, routing)
