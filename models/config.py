@@ -78,6 +78,8 @@ class ModelConfig:
     need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
     need(0 <= self.first_k_dense <= self.num_layers, "first_k_dense must lie in [0, num_layers]")
     if self.num_moe_layers or self.mtp_depth:
+      need(self.n_group >= 1 and self.topk_group >= 1, f"n_group ({self.n_group}) and topk_group "
+           f"({self.topk_group}) must be >= 1 (1 = no group-limited routing)")
       need(self.n_routed_experts > 0, "MoE layers need n_routed_experts > 0")
       need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
            f"top-k {self.num_experts_per_tok} must be in [1, n_routed_experts={self.n_routed_experts}]")

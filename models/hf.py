@@ -158,18 +158,20 @@ def load_hf_checkpoint(ckpt_dir: str, dtype=jnp.float32, param_dtype=None, **con
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   values: dict[Path, np.ndarray] = {}
-  for name, path, to_ours, _ in _layout(cfg):
+  for name, path, to_ours, to_hf in _layout(cfg):
     array_path, index = _split_index(path)
     if array_path not in flat:
       raise CheckpointError(f"internal layout error: {array_path} is not a model parameter")
     target = flat[array_path].get_value()
     if array_path not in values:
       values[array_path] = np.zeros(target.shape, np.float32)
-    w = to_ours(reader.get(name))
-    expected = target.shape[len(index):]
-    if w.shape != tuple(expected):
-      raise CheckpointError(f"{ckpt_dir}: tensor {name!r} has shape {reader.get(name).shape}, which does "
-                            f"not fit {array_path} {tuple(expected)} under this config.json")
+    expected = tuple(target.shape[len(index):])
+    raw = reader.get(name)
+    expected_hf = to_hf(np.empty(expected, np.float32)).shape
+    if raw.shape != expected_hf:
+      raise CheckpointError(f"{ckpt_dir}: tensor {name!r} has shape {tuple(raw.shape)}, but this config.json "
+                            f"implies {tuple(expected_hf)} (our {'/'.join(array_path)} {expected})")
+    w = to_ours(raw)
     values[array_path][index] = w
   _warn_unused(reader, {name for name, *_ in _layout(cfg)}, cfg)
   missing = sorted(set(flat) - set(values))

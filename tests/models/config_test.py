@@ -1,0 +1,77 @@
+"""ModelConfig validation and `from_dict`."""
+
+import dataclasses
+
+from absl.testing import absltest, parameterized
+import jax.numpy as jnp
+
+import models
+from tests.models import tiny_configs as tc
+
+
+class ConfigTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*[(name, name) for name in tc.STYLES])
+  def test_tiny_configs_are_valid(self, style):
+    cfg = tc.STYLES[style]()
+    self.assertEqual(cfg.num_moe_layers, 2)
+    self.assertEqual(cfg.qk_head_dim, 16)
+    with self.assertRaises(dataclasses.FrozenInstanceError):
+      cfg.hidden_size = 7  # pytype: disable=not-writable
+
+  @parameterized.named_parameters(
+      ("odd_rope_dim", dict(qk_rope_head_dim=7), r"qk_rope_head_dim must be even, got 7"),
+      ("top_k_above_experts", dict(num_experts_per_tok=17), r"top-k 17 must be in \[1, n_routed_experts=16\]"),
+      ("top_k_zero", dict(num_experts_per_tok=0), r"top-k 0"),
+      ("experts_not_divisible", dict(n_group=3), r"n_routed_experts 16 not divisible by n_group 3"),
+      ("topk_group_above_groups", dict(topk_group=5), r"topk_group must be in \[1, n_group\]"),
+      ("kept_groups_too_small", dict(topk_group=1, num_experts_per_tok=5), r"fewer experts than top-k"),
+      ("yarn_without_original", dict(original_max_position_embeddings=None),
+       r"YaRN needs original_max_position_embeddings"),
+      ("first_k_dense_out_of_range", dict(first_k_dense=4), r"first_k_dense must lie in \[0, num_layers\]"),
+      ("top2_sum_single_expert_groups", dict(n_group=16, topk_group=4), r"top2_sum group score needs >= 2"),
+      ("mtp_depth_two", dict(mtp_depth=2), r"MTP depth"),
+      ("unknown_score_func", dict(score_func="relu"), r"unknown score_func 'relu'"),
+      ("unknown_backend", dict(moe_backend="megablocks"), r"unknown moe_backend 'megablocks'"),
+      ("unknown_rope_type", dict(rope_type="llama3"), r"unsupported rope_type 'llama3'"),
+      ("unknown_remat", dict(remat_policy="offload"), r"unknown remat_policy 'offload'"),
+      # A zero group count is a plausible typo (HF V2 configs say n_group: null); it must be a clear
+      # ValueError, not a ZeroDivisionError from the divisibility check.
+      ("zero_groups", dict(n_group=0), r"n_group"),
+  )
+  def test_bad_config_raises_helpful_value_error(self, overrides, message):
+    with self.assertRaisesRegex(ValueError, message):
+      tc.v3_style(**overrides)
+
+  def test_group_checks_skipped_without_moe_layers(self):
+    cfg = tc.v3_style(num_layers=2, first_k_dense=2, mtp_depth=0, n_routed_experts=0)
+    self.assertEqual(cfg.num_moe_layers, 0)
+
+  def test_from_dict_round_trips_and_parses_dtypes(self):
+    cfg = tc.v3_style(dtype=jnp.bfloat16)
+    d = dataclasses.asdict(cfg)
+    self.assertEqual(models.from_dict(d), cfg)
+    d.update(dtype="bfloat16", param_dtype="float32")
+    parsed = models.from_dict(d)
+    self.assertEqual(parsed.dtype, jnp.bfloat16)
+    self.assertEqual(parsed.param_dtype, jnp.float32)
+
+  def test_from_dict_rejects_unknown_fields(self):
+    d = dataclasses.asdict(tc.v2_style())
+    d.update(num_hidden_layers=3, hiden_size=32)
+    with self.assertRaisesRegex(ValueError, r"unknown model config fields: \['hiden_size', 'num_hidden_layers'\]"):
+      models.from_dict(d)
+
+  def test_from_dict_validates(self):
+    d = dataclasses.asdict(tc.v2_lite_style())
+    d["qk_rope_head_dim"] = 5
+    with self.assertRaisesRegex(ValueError, "must be even"):
+      models.from_dict(d)
+
+  def test_replace_revalidates(self):
+    with self.assertRaisesRegex(ValueError, "topk_group"):
+      tc.v2_style().replace(topk_group=0)
+
+
+if __name__ == "__main__":
+  absltest.main()
