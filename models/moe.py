@@ -5,7 +5,7 @@
 - "capacity": scatter assignments into a fixed [E, C, D] buffer (C slots per expert, first come first
   served in token order), batched einsum, gather back; assignments beyond capacity are dropped.
 With ample capacity the two agree exactly. Under an ambient mesh (`jax.set_mesh`) whose "expert" axis
-is > 1, the routed experts run expert-parallel (all_to_all dispatch) through sharding/expert_parallel.py.
+is > 1, routing and routed experts run expert-parallel (all_to_all dispatch) in sharding/expert_parallel.py.
 """
 
 from __future__ import annotations
@@ -111,12 +111,21 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts or cfg.mlp_bias else None
 
   def __call__(self, x_BTD, valid_BT=None):
+    mesh = _expert_parallel_mesh()
+    if mesh is not None:
+      from sharding import expert_parallel  # lazy: importing models never imports sharding
+      y_BTD, aux = expert_parallel.routed_moe(self.router, self.experts, x_BTD, valid_BT, mesh)
+    else:
+      y_BTD, aux = self._routed(x_BTD, valid_BT)
+    if self.shared is not None:
+      y_BTD = y_BTD + self.shared(x_BTD)
+    return y_BTD, aux
+
+  def _routed(self, x_BTD, valid_BT):
     cfg = self.cfg
     b, t, d = x_BTD.shape
     routing = self.router(x_BTD)
-    y_BTD = _routed_experts(self.experts, x_BTD.reshape(b * t, d), routing).reshape(b, t, d)
-    if self.shared is not None:
-      y_BTD = y_BTD + self.shared(x_BTD)
+    y_BTD = self.experts(x_BTD.reshape(b * t, d), routing).reshape(b, t, d)
     aux = {
         "expert_load": expert_load(routing.experts_BTk, cfg.n_routed_experts),
         "balance_loss": sequence_balance_loss(routing, cfg.n_routed_experts, cfg.num_experts_per_tok,
@@ -125,10 +134,11 @@ class MoE(nnx.Module):
     return y_BTD, aux
 
 
-def _routed_experts(experts: RoutedExperts, x_ND, routing: Routing):
-  """Expert-parallel dispatch when the ambient mesh (`jax.set_mesh`) splits experts, else local."""
+def _expert_parallel_mesh():
+  """The ambient mesh (`jax.set_mesh`) when it splits experts and we are not inside a shard_map."""
   mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and dict(mesh.shape).get("expert", 1) > 1:
-    from sharding import expert_parallel  # lazy: importing models never imports sharding
-    return expert_parallel.routed_experts(experts, x_ND, routing, mesh)
-  return experts(x_ND, routing)
+  if mesh.empty or dict(mesh.shape).get("expert", 1) == 1:
+    return None
+  if any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+    return None
+  return mesh

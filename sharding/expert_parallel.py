@@ -1,0 +1,131 @@
+"""Expert parallelism: routed experts split over the mesh's "expert" axis, tokens moved by all_to_all.
+
+models/moe.py calls `routed_moe` when the ambient mesh (`jax.set_mesh(mesh)`) has "expert" > 1. The
+shared experts stay outside, in the ordinary GSPMD region; routing, dispatch, the routed experts and
+combine run inside one `jax.shard_map` over the whole mesh:
+
+  tokens x [B, T, D] (and masks [B, T])   split over the batch axes (data, fsdp, expert) by sequence
+  router kernel [D, E], bias [E]           replicated (gathered on entry; tiny next to the experts)
+  expert weights gate/up [E, D, F],        split over "expert" (E/P whole experts per shard, so fsdp
+                 down [E, F, D]            shards are gathered on entry) and, when F divides, F over
+                                           "tensor" (else replicated on it)
+
+each device, holding n = b·T tokens (a = n·k assignments) and the experts of one of P expert shards:
+  1. routes its own tokens (models.router.Router, float32);
+  2. places its assignments in P fixed-size send buffers [P, a, D], one per expert shard; each buffer
+     can hold all a assignments, so nothing is dropped (dense: XLA:CPU has no lax.ragged_all_to_all);
+  3. all_to_all over "expert" → the rows every shard of its expert group sends to its experts, with
+     local expert ids (empty slots carry the id E/P and come back as zeros);
+  4. runs its local experts with models.moe.expert_ffn (grouped ragged_dot, or the capacity backend:
+     ceil(cf · P·a / E) slots per local expert, first come first served in (source shard, token) order);
+  5. all_to_all back (the same permutation inverted) and reads each assignment from its slot;
+  6. combines with the routing weights in float32 and, when F was split over "tensor", psums the
+     partial down-projections over "tensor" (after the combine, where the array is smallest).
+Router statistics are made global with psums over the batch axes: `expert_load` sums local counts,
+`balance_loss` (a mean over sequences, each whole on one device) sums local sums and divides by B.
+
+The dense buffers cost up to P× the balanced traffic and expert compute; that is the price of being
+dropless without ragged collectives. A batch not divisible by the batch shards is padded with
+sequences that route nowhere and count nowhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from models.config import ModelConfig
+from models.moe import RoutedExperts, combine, expert_ffn
+from models.router import Router, sequence_balance_loss
+
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def routed_moe(router: Router, experts: RoutedExperts, x_BTD, valid_BT, mesh):
+  """Expert-parallel routing + routed experts: x [B, T, D] → ([B, T, D] in x's dtype, aux) with
+  aux = {"expert_load": float32 [E] global counts, "balance_loss": scalar}, as MoE computes them.
+
+  valid_BT: optional [B, T] mask of real tokens for the balance loss (None: all tokens).
+  mesh: a Mesh or AbstractMesh with an "expert" axis (the ambient one inside `jax.set_mesh`).
+  """
+  cfg = experts.cfg
+  sizes = dict(mesh.shape)
+  num_shards = sizes["expert"]
+  if cfg.n_routed_experts % num_shards:
+    raise ValueError(f"n_routed_experts {cfg.n_routed_experts} is not divisible by the expert axis "
+                     f"({num_shards})")
+  batch_axes = tuple(a for a in BATCH_AXES if a in sizes)
+  tensor = "tensor" if sizes.get("tensor", 1) > 1 and cfg.moe_intermediate_size % sizes["tensor"] == 0 \
+      else None
+
+  b, t, _ = x_BTD.shape
+  real_BT = jnp.ones((b, t), jnp.float32)
+  valid_BT = real_BT if valid_BT is None else valid_BT.astype(jnp.float32)
+  pad = -b % math.prod(sizes[a] for a in batch_axes)
+  if pad:
+    x_BTD = jnp.pad(x_BTD, ((0, pad), (0, 0), (0, 0)))
+    real_BT, valid_BT = (jnp.pad(m, ((0, pad), (0, 0))) for m in (real_BT, valid_BT))
+
+  router_graphdef, router_state = nnx.split(router)
+  body = functools.partial(_local, cfg=cfg, router_graphdef=router_graphdef, num_shards=num_shards,
+                           tensor=tensor, batch_axes=batch_axes, num_sequences=b)
+  y_BTD, load_E, balance = jax.shard_map(
+      body, mesh=mesh,
+      in_specs=(P(batch_axes, None, None), P(batch_axes, None), P(batch_axes, None), P(),
+                P("expert", None, tensor), P("expert", None, tensor), P("expert", tensor, None)),
+      out_specs=(P(batch_axes, None, None), P(), P()),
+  )(x_BTD, real_BT, valid_BT, router_state, *experts.weights())
+  return (y_BTD[:b] if pad else y_BTD), {"expert_load": load_E, "balance_loss": balance}
+
+
+def _local(x_bTD, real_bT, valid_bT, router_state, gate, up, down, *, cfg: ModelConfig,
+           router_graphdef, num_shards: int, tensor: str | None, batch_axes: tuple[str, ...],
+           num_sequences: int):
+  """One device: route its tokens, dispatch, run its experts on what it receives, combine."""
+  b, t, d = x_bTD.shape
+  e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+  routing = nnx.merge(router_graphdef, router_state)(x_bTD)
+  real_a = jnp.repeat(real_bT.reshape(-1), k)
+  load_E = jax.lax.psum(jnp.zeros((e,), jnp.float32).at[routing.experts_BTk.reshape(-1)].add(real_a),
+                        batch_axes)
+  balance_sum = sequence_balance_loss(routing, e, k, valid_bT) * b  # padded sequences add 0
+  balance = jax.lax.psum(balance_sum, batch_axes) / num_sequences
+
+  x_nD = x_bTD.reshape(b * t, d)
+  experts_a = jnp.where(real_a > 0, routing.experts_BTk.reshape(-1), e)  # padding goes nowhere
+  y_nD = _dispatch_and_combine(x_nD, experts_a, routing.weights_BTk.reshape(-1), (gate, up, down),
+                               cfg=cfg, num_shards=num_shards)
+  if tensor is not None:
+    y_nD = jax.lax.psum(y_nD, tensor)
+  return y_nD.astype(x_bTD.dtype).reshape(b, t, d), load_E, balance
+
+
+def _dispatch_and_combine(x_nD, experts_a, weights_a, expert_weights, *, cfg: ModelConfig,
+                          num_shards: int):
+  """all_to_all the a = n·k assignments to the shards owning their experts and back → float32 [n, D]."""
+  n, d = x_nD.shape
+  local_experts = expert_weights[0].shape[0]
+  a = experts_a.shape[0]
+  tokens_a = jnp.arange(a, dtype=jnp.int32) // (a // n)
+  dest_a = experts_a // local_experts  # owning expert shard; num_shards (nobody) for padding
+  one_hot_aP = jax.nn.one_hot(dest_a, num_shards, dtype=jnp.int32)
+  slot_a = jnp.sum((jnp.cumsum(one_hot_aP, axis=0) - 1) * one_hot_aP, axis=-1)
+  flat_a = dest_a * a + slot_a  # row of the [P·a] send buffer; past its end for padding
+
+  send_PaD = (jnp.zeros((num_shards * a, d), x_nD.dtype)
+              .at[flat_a].set(x_nD[tokens_a], mode="drop").reshape(num_shards, a, d))
+  send_ids_Pa = (jnp.full((num_shards * a,), local_experts, jnp.int32)
+                 .at[flat_a].set(experts_a - dest_a * local_experts, mode="drop")
+                 .reshape(num_shards, a))
+  recv_PaD = jax.lax.all_to_all(send_PaD, "expert", 0, 0)
+  recv_ids_Pa = jax.lax.all_to_all(send_ids_Pa, "expert", 0, 0)
+
+  y_RD = expert_ffn(cfg, expert_weights, recv_PaD.reshape(-1, d), None, recv_ids_Pa.reshape(-1))
+  back_RD = jax.lax.all_to_all(y_RD.reshape(num_shards, a, d), "expert", 0, 0).reshape(-1, d)
+  y_aD = back_RD.at[flat_a].get(mode="fill", fill_value=0)
+  return combine(y_aD, weights_a, tokens_a, n)
