@@ -1,0 +1,16 @@
+"""Generation for DeepSeek models: absorbed-MLA (latent) or expanded KV caches, jitted prefill and
+decode steps, and one compiled sampling loop.
+
+    from inference import generate
+    out = generate(model, input_ids, max_new_tokens=16, temperature=0.0)  # int32 [B, T] -> [B, T+16]
+"""
+
+from inference.cache import CacheReport, KVCache, cache_bytes, cache_report, init_cache
+from inference.decode import (Generation, decode_step, generate, generate_full, jit_decode_step,
+                              jit_prefill, prefill)
+from inference.sampling import SamplingConfig, sample
+
+__all__ = [
+    "CacheReport", "Generation", "KVCache", "SamplingConfig", "cache_bytes", "cache_report", "decode_step",
+    "generate", "generate_full", "init_cache", "jit_decode_step", "jit_prefill", "prefill", "sample",
+]

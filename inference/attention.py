@@ -1,0 +1,104 @@
+"""MLA attention against a decode cache, built from `models.mla.MLA`'s query / latent / expand / output.
+
+- `prefill_attention`: the prompt attends to itself in the expanded (multi-head) form — prefill is
+  compute-bound and the expanded form needs fewer FLOPs — and returns the entries to cache.
+- `cached_attention`: new tokens attend to the cache plus themselves. With the latent cache W_UK is
+  folded into the query and W_UV into the output (absorbed MLA: per head, scores are taken against the
+  shared latent c directly, so keys/values are never expanded); with the expanded cache it is plain
+  multi-head attention over cached per-head K and V.
+
+Shape letters as in models/config.py; S is the cache length, U the number of new tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from models.layers import matmul
+from models.mla import MLA, attend
+
+_NEG = jnp.finfo(jnp.float32).min
+
+
+def _expanded_entries(k_nope_BTHK, v_BTHK, k_pe_BTK) -> dict[str, jax.Array]:
+  """Per-head keys [k_nope | shared k_pe] and values, as an expanded cache keeps them."""
+  k_pe_BTHK = jnp.broadcast_to(k_pe_BTK[:, :, None, :].astype(k_nope_BTHK.dtype),
+                               k_nope_BTHK.shape[:3] + k_pe_BTK.shape[-1:])
+  return {"k": jnp.concatenate([k_nope_BTHK, k_pe_BTHK], axis=-1), "v": v_BTHK}
+
+
+def prefill_attention(attn: MLA, x_BTD, cos_BTK, sin_BTK, mask_B1TT, kind: str):
+  """Causal self-attention over the prompt (as `MLA.__call__`) → (output [B,T,D], cache entries)."""
+  cfg = attn.cfg
+  q_nope_BTHK, q_pe_BTHK = attn.query(x_BTD, cos_BTK, sin_BTK)
+  c_BTR, k_pe_BTK = attn.latent(x_BTD, cos_BTK, sin_BTK)
+  k_nope_BTHK, v_BTHK = attn.expand(c_BTR)
+  scores_BHTT = (
+      jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BTHK, preferred_element_type=jnp.float32)
+      + jnp.einsum("bthk,bsk->bhts", q_pe_BTHK, k_pe_BTK, preferred_element_type=jnp.float32))
+  o_BTHK = attend(scores_BHTT * cfg.softmax_scale, mask_B1TT, v_BTHK)
+  if kind == "latent":
+    entries = {"c": c_BTR, "k_pe": k_pe_BTK}
+  else:
+    entries = _expanded_entries(k_nope_BTHK, v_BTHK, k_pe_BTK)
+  return attn.output(o_BTHK), entries
+
+
+def _softmax(scores_cache_BHUS, scores_new_BHUU, cache_valid_BS, new_mask_UU):
+  """One float32 softmax over [cache keys | new keys]; returns the two halves of the probabilities."""
+  s = scores_cache_BHUS.shape[-1]
+  scores_cache_BHUS = jnp.where(cache_valid_BS[:, None, None, :], scores_cache_BHUS, _NEG)
+  scores_new_BHUU = jnp.where(new_mask_UU[None, None], scores_new_BHUU, _NEG)
+  probs = jax.nn.softmax(jnp.concatenate([scores_cache_BHUS, scores_new_BHUU], axis=-1), axis=-1)
+  return probs[..., :s], probs[..., s:]
+
+
+def cached_attention(attn: MLA, x_BUD, cos_BUK, sin_BUK, layer_cache: dict[str, jax.Array],
+                     cache_valid_BS, kind: str):
+  """U new tokens per row (at the positions cos/sin encode) attend to the valid cache slots and,
+  causally, to each other. Returns (output [B,U,D], the new tokens' cache entries); the cache itself
+  is only read (the caller writes the entries after the layer scan)."""
+  cfg = attn.cfg
+  u = x_BUD.shape[1]
+  new_mask_UU = jnp.tril(jnp.ones((u, u), bool))
+  q_nope_BUHK, q_pe_BUHK = attn.query(x_BUD, cos_BUK, sin_BUK)
+  c_BUR, k_pe_BUK = attn.latent(x_BUD, cos_BUK, sin_BUK)
+  f32 = dict(preferred_element_type=jnp.float32)
+
+  if kind == "latent":
+    c_BSR, k_pe_BSK = layer_cache["c"], layer_cache["k_pe"]
+    dt = c_BSR.dtype
+    w_uk_RHK, w_uv_RHK = jnp.split(attn.wkv_b[...], [cfg.qk_nope_head_dim], axis=-1)
+    # q_lat[b,u,h,r] = Σ_k q_nope[b,u,h,k]·W_UK[r,h,k]: scores against c stand for scores against k_nope.
+    q_lat_BUHR = matmul(q_nope_BUHK, w_uk_RHK, cfg, "buhk,rhk->buhr").astype(dt)
+    q_pe_BUHK = q_pe_BUHK.astype(dt)
+    c_new, k_pe_new = c_BUR.astype(dt), k_pe_BUK.astype(dt)
+    scores_cache = (jnp.einsum("buhr,bsr->bhus", q_lat_BUHR, c_BSR, **f32)
+                    + jnp.einsum("buhk,bsk->bhus", q_pe_BUHK, k_pe_BSK, **f32))
+    scores_new = (jnp.einsum("buhr,bsr->bhus", q_lat_BUHR, c_new, **f32)
+                  + jnp.einsum("buhk,bsk->bhus", q_pe_BUHK, k_pe_new, **f32))
+    p_cache, p_new = _softmax(scores_cache * cfg.softmax_scale, scores_new * cfg.softmax_scale,
+                              cache_valid_BS, new_mask_UU)
+    # (h, u) stay in the scores' order: XLA:CPU's DotThunk rejects some bf16→f32 dots that transpose.
+    o_lat_BHUR = (jnp.einsum("bhus,bsr->bhur", p_cache.astype(dt), c_BSR, **f32)
+                  + jnp.einsum("bhus,bsr->bhur", p_new.astype(dt), c_new, **f32))
+    o_lat_BUHR = jnp.swapaxes(o_lat_BHUR, 1, 2)
+    # W_UV applied once to the attended latent instead of to every cached token.
+    o_BUHK = matmul(o_lat_BUHR, w_uv_RHK, cfg, "buhr,rhk->buhk")
+    return attn.output(o_BUHK), {"c": c_BUR, "k_pe": k_pe_BUK}
+
+  if kind != "expanded":
+    raise ValueError(f"unknown cache kind {kind!r}")
+  k_BSHK, v_BSHK = layer_cache["k"], layer_cache["v"]
+  dt = k_BSHK.dtype
+  new = _expanded_entries(*attn.expand(c_BUR), k_pe_BUK)
+  k_new, v_new = new["k"].astype(dt), new["v"].astype(dt)
+  q_BUHK = jnp.concatenate([q_nope_BUHK, q_pe_BUHK.astype(q_nope_BUHK.dtype)], axis=-1).astype(dt)
+  scores_cache = jnp.einsum("buhk,bshk->bhus", q_BUHK, k_BSHK, **f32)
+  scores_new = jnp.einsum("buhk,bshk->bhus", q_BUHK, k_new, **f32)
+  p_cache, p_new = _softmax(scores_cache * cfg.softmax_scale, scores_new * cfg.softmax_scale,
+                            cache_valid_BS, new_mask_UU)
+  o_BUHK = (jnp.einsum("bhus,bshk->buhk", p_cache.astype(dt), v_BSHK, **f32)
+            + jnp.einsum("bhus,bshk->buhk", p_new.astype(dt), v_new, **f32)).astype(cfg.dtype)
+  return attn.output(o_BUHK), new
