@@ -1,0 +1,16 @@
+"""The data part of a run config: which dataset, where TFDS builds it, which tokenizer."""
+
+import ml_collections
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The embedded corpus (Python's own standard library) with the byte tokenizer: needs no download."""
+  c = ml_collections.ConfigDict()
+  c.dataset = "python_stdlib"  # python_stdlib (embedded, offline) | text_files (your own files)
+  c.data_dir = ""  # where TFDS builds datasets; "" = ~/.cache/deepseek_jax/tfds
+  c.text_files = ""  # glob or directory of .txt/.jsonl files for dataset=text_files
+  c.tokenizer = "byte"  # byte | sentencepiece | hf
+  c.tokenizer_path = ""  # .model file (sentencepiece) or tokenizer.json / its directory (hf)
+  c.shuffle = True  # shuffle documents (seeded; a new order every epoch)
+  c.worker_count = 0  # grain worker processes; 0 = in the calling process
+  return c
