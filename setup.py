@@ -9,7 +9,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
-    packages=find_packages(include=["models", "models.*", "configs", "configs.*", "tools", "tools.*"]),
+    packages=find_packages(include=["models*", "configs*", "tools*", "data*", "training*", "sharding*",
+                                    "inference*"]),
+    py_modules=["train"],
     install_requires=[
         "jax>=0.11",
         "flax>=0.12.10",
@@ -21,6 +23,14 @@ setup(
         "safetensors>=0.4",
         "ml-dtypes>=0.5",
         "numpy>=1.26",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",  # builders only; no TensorFlow needed (array_record + data_source)
+        "array-record>=0.8",
+        "importlib_resources",  # tfds imports it for package-local builders
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

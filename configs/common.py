@@ -3,14 +3,61 @@
 import ml_collections
 
 
+def data_defaults() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.dataset = "python_stdlib"  # python_stdlib (embedded, offline) | text_files (your own files)
+  d.data_dir = ""  # where TFDS builds datasets; "" = ~/.cache/deepseek_jax/tfds
+  d.text_files = ""  # glob of .txt/.jsonl files for dataset=text_files
+  d.tokenizer = "byte"  # byte | sentencepiece | hf
+  d.tokenizer_path = ""  # .model file (sentencepiece) or tokenizer.json (hf)
+  d.shuffle = True
+  d.worker_count = 0  # grain worker processes; 0 = in the training process
+  return d
+
+
 def run_config(model: dict, **run_fields) -> ml_collections.ConfigDict:
   """Wraps model fields (ModelConfig names, see models/config.py) in a run config.
 
   The model part becomes a frozen `models.ModelConfig` via `models.from_dict(config.model.to_dict())`;
   layers never see the run config.
   """
-  config = ml_collections.ConfigDict()
-  config.seed = 0  # PRNG seed for initialisation and data order
-  config.model = ml_collections.ConfigDict(model)
-  config.update(run_fields)
-  return config
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # PRNG seed for initialisation and data order
+  # Execution choices every config can override from the command line (see models/config.py).
+  model = dict(dict(moe_backend="dropless", capacity_factor=1.25, remat_policy="none"), **model)
+  c.model = ml_collections.ConfigDict(model)
+  c.data = data_defaults()
+
+  c.total_steps = 1000
+  c.batch_size = 16  # global sequences per optimizer step
+  c.seq_len = 256
+  c.grad_accum_steps = 1  # microbatches per step (batch_size must divide evenly)
+  c.log_every = 10
+  c.eval_every = 200  # 0 disables periodic eval (one eval still runs at the end)
+  c.eval_batches = 16  # validation batches per eval; 0 = the whole validation split
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 3
+  c.peak_flops_per_device = 0.0  # for perf/mfu; 0 = look up the device kind (unknown → no MFU)
+
+  # Parallelism: product must equal the device count; -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+
+  # The V3 recipe: AdamW, linear warmup, constant, cosine decay to a floor; clip 1.0.
+  c.optim = ml_collections.ConfigDict(dict(
+      peak_lr=2.2e-4,
+      min_lr_ratio=0.1,  # final lr = min_lr_ratio * peak_lr (V3: 2.2e-5)
+      warmup_fraction=0.01,  # of total_steps
+      decay_start_fraction=0.8,  # cosine decay starts at this fraction of total_steps
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,  # not applied to norms, biases or the router bias
+      clip_norm=1.0,
+  ))
+  c.loss = ml_collections.ConfigDict(dict(
+      balance_alpha=1e-4,  # sequence-wise balance loss weight α
+      mtp_lambda=0.3,  # MTP loss weight λ (V3: 0.3, later 0.1)
+      bias_update_speed=1e-3,  # γ of the aux-loss-free router bias update
+  ))
+  c.update(run_fields)
+  return c

@@ -2,6 +2,8 @@
 
   python -m tools.plan --config=configs/deepseek_v3.py [--seq_len=4096]
   python -m tools.plan --config=configs/tiny.py --forward   # also init + jitted forward/backward
+  python -m tools.plan --config=configs/deepseek_v3.py --devices=2048 --config.mesh.expert=64 \
+      --config.mesh.fsdp=32 --device_memory_gb=80     # memory per device; refuses a plan that cannot fit
 
 Counts come from the real module shapes (an abstract init; nothing is allocated).
 """
@@ -15,10 +17,15 @@ from flax import nnx
 from ml_collections import config_flags
 
 import models
+import sharding
 from models import counting
+from training import memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Training sequence length for the FLOP estimate.")
+_DEVICES = flags.DEFINE_integer("devices", None, "Device count to plan the mesh for (default: this host's).")
+_DEVICE_MEMORY_GB = flags.DEFINE_float("device_memory_gb", None, "Memory per device to check the plan "
+                                       "against (default: what the local device reports, if anything).")
 _FORWARD = flags.DEFINE_bool("forward", False, "Initialise the model and run a jitted forward+backward "
                              "pass on random tokens (only sensible for small configs).")
 
@@ -72,10 +79,23 @@ def forward_backward(cfg: models.ModelConfig, seed: int, batch: int = 2, length:
           f"step {1e3 * (time.perf_counter() - start):.1f}ms on {jax.devices()[0].platform}")
 
 
+def memory_report(config, cfg: models.ModelConfig, num_devices: int, limit_gb: float | None) -> str:
+  sizes = sharding.mesh_shape(config.mesh, num_devices)
+  plan = memory.plan_memory(config, cfg, sizes)
+  lines = [f"mesh: {sizes} ({num_devices} devices), batch {config.batch_size} x {config.seq_len}, "
+           f"grad_accum {config.grad_accum_steps}, remat {cfg.remat_policy}"] + plan.lines()
+  limit = limit_gb * memory.GiB if limit_gb else memory.device_memory_bytes()
+  memory.check_fits(plan, limit)  # raises with the numbers when it cannot fit
+  if limit:
+    lines.append(f"fits: {plan.total / memory.GiB:.2f} of {limit / memory.GiB:.1f} GiB per device")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   cfg = models.from_dict(_CONFIG.value.model.to_dict())
   print(report(cfg, _SEQ_LEN.value))
+  print(memory_report(_CONFIG.value, cfg, _DEVICES.value or jax.device_count(), _DEVICE_MEMORY_GB.value))
   if _FORWARD.value:
     print(forward_backward(cfg, _CONFIG.value.seed))
 

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, loss, the jitted train step, checkpoints, metrics, the loop."""

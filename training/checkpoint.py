@@ -1,0 +1,88 @@
+"""Orbax checkpoints of the train state and the data iterator, with resume and fallback.
+
+Each checkpoint holds `state` (TrainState arrays, restorable onto any mesh by passing target
+shardings) and `data` (the grain iterator state, so a resumed run sees exactly the samples the
+uninterrupted run would). Saves are asynchronous; a checkpoint is only visible once complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import grain
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, keep: int, *, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                        "data": grain.checkpoint.CheckpointHandler()})
+
+  def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(data_iterator))
+    return self.manager.save(step, args=args, force=force)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore_latest(self, abstract_state, data_iterator):
+    """Restores the newest readable checkpoint into shardings given by `abstract_state`.
+
+    Returns (state, step), or (None, None) when there is none. An unreadable checkpoint (corrupt or
+    partial) is reported and the previous one is tried; once one restores, the unreadable newer ones
+    are renamed to `<step>.unreadable-<time>` so the resumed run can save those steps again. If none
+    restores (e.g. the model config changed), raises instead of silently starting over.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    unreadable = []
+    for step in steps:
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+        logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); falling back to the "
+                        "previous one", step, self.directory, type(e).__name__, str(e)[:300])
+        print(f"WARNING: checkpoint {step} is unreadable ({type(e).__name__}); falling back to the previous one")
+        unreadable.append(step)
+        continue
+      if unreadable:
+        self._set_aside(unreadable)
+      return restored["state"], step
+    if unreadable:
+      raise ValueError(f"none of the checkpoints {unreadable} in {self.directory} can be restored (see the "
+                       "warnings above; a changed model config does this too). Move them away to start over.")
+    return None, None
+
+  def _set_aside(self, steps):
+    """Renames unreadable step directories out of orbax's view (kept for inspection, never deleted)."""
+    if jax.process_index() == 0:
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        os.rename(src, f"{src}.unreadable-{stamp}")
+        logging.warning("moved the unreadable checkpoint %s aside to %s.unreadable-%s", src, src, stamp)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoint_set_aside")
+    self.manager.reload()
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(abstract_state, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)

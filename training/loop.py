@@ -1,0 +1,166 @@
+"""The training loop: `train_and_evaluate(config, workdir)` is what train.py calls."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import models
+from data import pipeline
+from models import counting
+from training import checkpoint as ckpt_lib
+from training import metrics as metrics_lib
+from training import optimizer as optim_lib
+from training import step as step_lib
+from training.state import ModelDef, TrainState, init_state
+from training.validate import validate_run
+
+import sharding
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def _global_batch(local: dict, batch_sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def train_state_shardings(abstract_state: TrainState, modeldef: ModelDef, mesh, rules=None) -> TrainState:
+  """NamedShardings for every TrainState leaf: parameters by their logical axes, Adam moments like
+  their parameters, scalars replicated."""
+  params = nnx.to_pure_dict(sharding.state_shardings(modeldef.params_template, mesh, rules))
+  bias = nnx.to_pure_dict(sharding.state_shardings(modeldef.bias_template, mesh, rules))
+  return TrainState(step=NamedSharding(mesh, P()), params=params, router_bias=bias,
+                    opt_state=sharding.tree_shardings_like(params, abstract_state.opt_state, mesh))
+
+
+def evaluate(eval_step, state, config, batch_sharding, tokenizer) -> dict:
+  """Loss, perplexity and bits-per-byte over the first `eval_batches` validation batches."""
+  it = pipeline.make_iterator(config.data, split="validation", seq_len=config.seq_len,
+                              global_batch_size=config.batch_size, process_index=jax.process_index(),
+                              process_count=jax.process_count(), seed=config.seed, num_epochs=1)
+  totals = None
+  for i, local in enumerate(it):
+    if config.eval_batches and i >= config.eval_batches:
+      break
+    sums = eval_step(state, _global_batch(local, batch_sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError("the validation split produced no batches")
+  totals = jax.tree.map(float, jax.device_get(totals))
+  loss = totals["nll_sum"] / max(totals["count"], 1.0)
+  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
+          "eval/bits_per_byte": totals["nll_sum"] / max(totals["bytes"], 1.0) / math.log(2),
+          "eval/tokens": totals["count"]}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the last metrics."""
+  jax.config.update("jax_threefry_partitionable", True)
+  model_cfg = models.from_dict(config.model.to_dict())
+  mesh = validate_run(config, model_cfg, workdir)
+  tokenizer = pipeline.make_tokenizer(config.data)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"tokenizer vocabulary {tokenizer.vocab_size} exceeds model vocab_size {model_cfg.vocab_size}")
+  is_main = jax.process_index() == 0
+
+  schedule = optim_lib.learning_rate_schedule(config.optim, config.total_steps)
+  tx = optim_lib.make_optimizer(config.optim, config.total_steps)
+  init_fn = lambda: init_state(model_cfg, tx, config.seed)[1]
+  abstract_state = jax.eval_shape(init_fn)
+  modeldef = ModelDef.of(nnx.eval_shape(lambda: models.Transformer(model_cfg, rngs=nnx.Rngs(0))))
+  state_shardings = train_state_shardings(abstract_state, modeldef, mesh, config.get("sharding_rules"))
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  train_iter = pipeline.make_iterator(config.data, split="train", seq_len=config.seq_len,
+                                      global_batch_size=config.batch_size, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), seed=config.seed)
+  flops_per_token = counting.train_flops_per_token(model_cfg, config.seq_len)  # abstract init: outside the mesh
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  with jax.set_mesh(mesh):
+    state, start = checkpointer.restore_latest(
+        ckpt_lib.abstract_with_shardings(abstract_state, state_shardings), train_iter)
+    if state is None:
+      start = 0
+      state = jax.jit(init_fn, out_shardings=state_shardings)()
+      logging.info("initialised a fresh model in %s", workdir)
+    else:
+      logging.info("resumed from the checkpoint at step %d in %s", start, workdir)
+    train_step = jax.jit(step_lib.make_train_step(modeldef, tx, schedule, config),
+                         in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, None), donate_argnums=(0,))
+    eval_step = jax.jit(step_lib.make_eval_step(modeldef, tokenizer.token_byte_lengths()),
+                        in_shardings=(state_shardings, batch_sharding))
+    return _loop(config, workdir, flops_per_token, state, start, train_iter, train_step, eval_step, checkpointer,
+                 batch_sharding, tokenizer, is_main)
+
+
+def _loop(config, workdir, flops_per_token, state, start, train_iter, train_step, eval_step, checkpointer,
+          batch_sharding, tokenizer, is_main) -> dict:
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  if start == 0:
+    writer.write_hparams(config)
+  device = jax.devices()[0]
+  progress = metrics_lib.Progress(
+      config.total_steps, start, flops_per_token,
+      metrics_lib.peak_flops(device.device_kind, config.peak_flops_per_device), jax.device_count())
+  stop = {"signal": None}
+  previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  last_good_ckpt = start if start else None
+  scalars: dict = {}
+  pending = None  # (step, metrics) of the step dispatched last, pulled after the next dispatch
+
+  def check(step_metrics, step):
+    # A finite loss with non-finite gradients still poisons this step's update (and its checkpoint).
+    loss, grad_norm = float(step_metrics["train/loss"]), float(step_metrics["train/grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      raise NonFiniteLossError(
+          f"train/loss became {loss} (grad norm {grad_norm}) at step {step}; stopping. The last good "
+          f"checkpoint is {'step %d' % last_good_ckpt if last_good_ckpt else 'none'} in {checkpointer.directory}.")
+
+  try:
+    for step in range(start + 1, config.total_steps + 1):
+      batch = _global_batch(next(train_iter), batch_sharding)
+      state, step_metrics = train_step(state, batch)
+      if pending is not None:
+        check(*pending)
+      pending = (step_metrics, step)
+      progress.add_tokens(config.batch_size * config.seq_len)
+      if step % config.log_every == 0 or step == config.total_steps:
+        check(step_metrics, step)
+        scalars = writer.write(step, {**jax.device_get(step_metrics), **progress.perf(step)})
+        if is_main:
+          logging.info(progress.line(step, scalars))
+          print(progress.line(step, scalars), flush=True)
+      if (config.eval_every and step % config.eval_every == 0) or step == config.total_steps:
+        eval_scalars = evaluate(eval_step, state, config, batch_sharding, tokenizer)
+        scalars.update(writer.write(step, eval_scalars))
+        if is_main:
+          print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_scalars.items()), flush=True)
+      final = step == config.total_steps
+      if step % config.checkpoint_every == 0 or final or stop["signal"]:
+        check(step_metrics, step)
+        checkpointer.save(step, state, train_iter, force=True)
+        last_good_ckpt = step
+      if stop["signal"]:
+        logging.warning("received signal %s: checkpointed step %d and stopping", stop["signal"], step)
+        break
+  finally:
+    checkpointer.close()
+    writer.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+  if is_main:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(scalars, f, indent=1)
+  return scalars

@@ -1,0 +1,59 @@
+"""Next-token cross-entropy on packed rows, the MTP loss and the balance loss.
+
+Batches hold packed documents: `tokens`, `segment_ids` (0 = padding) and `positions` [B, T]. A target
+at t+d counts only if it lies in the same document as the input at t.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import models
+
+
+def target_mask(segment_ids_BT, offset: int):
+  """[B, T-offset]: whether token t+offset is a valid target for the prediction made at t."""
+  src, dst = segment_ids_BT[:, :-offset], segment_ids_BT[:, offset:]
+  return (src == dst) & (dst > 0)
+
+
+def token_nll(logits_BTV, targets_BT):
+  """Per-token negative log-likelihood in float32."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return logz_BT - target_logit_BT
+
+
+def loss_terms(out: models.ModelOutput, batch: dict) -> dict:
+  """Sums (not means) of each loss term and the token counts, so microbatches can be accumulated."""
+  tokens, segs = batch["tokens"], batch["segment_ids"]
+  mask = target_mask(segs, 1)
+  nll = token_nll(out.logits[:, :-1], tokens[:, 1:])
+  terms = {"ce_sum": jnp.sum(jnp.where(mask, nll, 0.0)), "ce_count": jnp.sum(mask).astype(jnp.float32)}
+  balance = jnp.sum(out.aux["balance_loss"]) if "balance_loss" in out.aux else jnp.zeros(())
+  if out.mtp_logits is not None:
+    mtp_mask = target_mask(segs, 2)
+    mtp_nll = token_nll(out.mtp_logits[:, :-1], tokens[:, 2:])
+    terms["mtp_sum"] = jnp.sum(jnp.where(mtp_mask, mtp_nll, 0.0))
+    terms["mtp_count"] = jnp.sum(mtp_mask).astype(jnp.float32)
+    balance = balance + jnp.sum(out.mtp_aux["balance_loss"])
+  terms["balance"] = balance
+  return terms
+
+
+def step_counts(batch: dict, with_mtp: bool) -> dict:
+  """Target counts of a whole step's batch, fixed before the microbatch loop so sums add up exactly."""
+  counts = {"ce_count": jnp.sum(target_mask(batch["segment_ids"], 1)).astype(jnp.float32)}
+  if with_mtp:
+    counts["mtp_count"] = jnp.sum(target_mask(batch["segment_ids"], 2)).astype(jnp.float32)
+  return counts
+
+
+def combine(terms: dict, counts: dict, num_microbatches: int, *, alpha: float, mtp_lambda: float):
+  """Total loss from summed terms over the whole step's counts; the balance loss is averaged."""
+  loss = terms["ce_sum"] / jnp.maximum(counts["ce_count"], 1.0)
+  if "mtp_sum" in terms:
+    loss = loss + mtp_lambda * terms["mtp_sum"] / jnp.maximum(counts["mtp_count"], 1.0)
+  return loss + alpha * terms["balance"] / num_microbatches

@@ -1,0 +1,41 @@
+"""AdamW with DeepSeek-V3's schedule: linear warmup, constant, cosine decay to a floor; clipping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
+  """lr(step): 0 → peak over warmup, peak until decay start, cosine to min_lr_ratio·peak at the end."""
+  peak = optim.peak_lr
+  warmup = max(1, int(round(optim.warmup_fraction * total_steps)))
+  decay_start = max(warmup, int(round(optim.decay_start_fraction * total_steps)))
+  decay_steps = max(1, total_steps - decay_start)
+  floor = optim.min_lr_ratio * peak
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * jnp.minimum(step + 1, warmup) / warmup
+    progress = jnp.clip((step - decay_start) / decay_steps, 0.0, 1.0)
+    cosine = floor + (peak - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup, warm, jnp.where(step < decay_start, peak, cosine))
+
+  return schedule
+
+
+def decay_mask(params):
+  """True for parameters that get weight decay: matrices, not norm scales or biases."""
+  def decays(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not (name == "scale" or name.endswith("bias") or jnp.ndim(leaf) <= 1)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(optim.clip_norm),
+      optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay, mask=decay_mask),
+  )
