@@ -10,8 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=find_packages(include=["models*", "configs*", "tools*", "data*", "training*", "sharding*",
-                                    "inference*"]),
-    py_modules=["train"],
+                                    "inference*", "evaluation*"]),
+    py_modules=["train", "eval"],
     install_requires=[
         "jax>=0.11",
         "flax>=0.12.10",
@@ -33,7 +33,8 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "filelock>=3.12"],
         "gpu": ["jax[cuda12]", "tokamax"],
     },
 )

@@ -42,9 +42,9 @@ def get_config(arg: str | None = None):
       dtype="float32",
       param_dtype="float32",
   ))
-  config.update(total_steps=1000, batch_size=16, seq_len=128, log_every=50, eval_every=250, eval_batches=16,
-                checkpoint_every=250)
-  config.optim.update(peak_lr=3e-3, warmup_fraction=0.05, decay_start_fraction=0.5, weight_decay=0.1)
+  config.update(total_steps=800, batch_size=16, seq_len=128, log_every=50, eval_every=400, eval_batches=16,
+                checkpoint_every=400)
+  config.optim.update(peak_lr=3e-3, warmup_fraction=0.05, decay_start_fraction=0.4, weight_decay=0.1)
   if arg == "test":  # fast enough for end-to-end tests; still MLA + grouped sigmoid MoE + MTP
     config.model.update(hidden_size=32, num_layers=3, num_heads=4, q_lora_rank=16, kv_lora_rank=16,
                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, dense_intermediate_size=64,

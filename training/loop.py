@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
-from data import pipeline
+from data import pipeline, sources
 from models import counting
 from training import checkpoint as ckpt_lib
 from training import metrics as metrics_lib
@@ -83,6 +84,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state_shardings = train_state_shardings(abstract_state, modeldef, mesh, config.get("sharding_rules"))
   batch_sharding = sharding.batch_sharding(mesh)
 
+  if jax.process_count() > 1:  # first use builds the dataset: one process builds, the others wait
+    if jax.process_index() == 0:
+      sources.prepare(config.data)
+    multihost_utils.sync_global_devices("dataset built")
   train_iter = pipeline.make_iterator(config.data, split="train", seq_len=config.seq_len,
                                       global_batch_size=config.batch_size, process_index=jax.process_index(),
                                       process_count=jax.process_count(), seed=config.seed)
@@ -111,6 +116,9 @@ def _loop(config, workdir, flops_per_token, state, start, train_iter, train_step
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   if start == 0:
     writer.write_hparams(config)
+  if is_main:  # eval.py and notebooks rebuild the run from this
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   device = jax.devices()[0]
   progress = metrics_lib.Progress(
       config.total_steps, start, flops_per_token,
@@ -160,7 +168,7 @@ def _loop(config, workdir, flops_per_token, state, start, train_iter, train_step
     checkpointer.close()
     writer.close()
     signal.signal(signal.SIGTERM, previous_handler)
-  if is_main:
+  if is_main and scalars:  # a rerun of a finished run trains nothing: keep its final metrics
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(scalars, f, indent=1)
   return scalars

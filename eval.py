@@ -1,0 +1,81 @@
+"""Evaluate or sample a trained model.
+
+  python eval.py --workdir=/tmp/tiny                        # loss, perplexity, bits/byte, expert load
+  python eval.py --workdir=/tmp/tiny --tasks=arithmetic     # + arithmetic exact-match accuracy
+  python eval.py --workdir=/tmp/tiny --mode=sample --prompt="def fib(" --num_samples=2 --temperature=0.8
+  python eval.py --hf_dir=/path/deepseek-dir --eval_batches=4 --seq_len=512   # an HF checkpoint
+
+Eval uses the run's own validation batches (config.json: seq_len, batch_size, eval_batches, seed), so
+it reproduces the eval the training run logged at the checkpoint's step. Results go to
+WORKDIR/eval/results_<step>.json and TensorBoard events in WORKDIR/eval (--output_dir to change).
+"""
+
+import os
+
+import jax
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "HF DeepSeek checkpoint directory with tokenizer.json.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
+_MODE = flags.DEFINE_enum("mode", "eval", ["eval", "sample"], "Evaluate, or print sampled completions.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results go (default WORKDIR/eval or HF_DIR/eval).")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "Override config.eval_batches (0 = whole split).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir (where TFDS data is built).")
+_TASKS = flags.DEFINE_list("tasks", [], "Task evaluations to run, e.g. arithmetic.")
+_TASK_EXAMPLES = flags.DEFINE_integer("task_examples", 100, "Problems per task.")
+_TASK_BATCH = flags.DEFINE_integer("task_batch_size", 32, "Prompts per generate call in tasks.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "--hf_dir only: eval row length.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "--hf_dir only: eval batch size.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "--hf_dir only: compute dtype.")
+_PROMPT = flags.DEFINE_string("prompt", "def ", "Sample mode: the prompt.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Sample mode: tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sample mode: 0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample mode: 0 = off.")
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "Sample mode: 1 = off.")
+_REPETITION = flags.DEFINE_float("repetition_penalty", 1.0, "Sample mode: 1 = off.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sample mode: sampling seed.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Sample mode: completions to print.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if bool(_WORKDIR.value) == bool(_HF_DIR.value):
+    raise app.UsageError("pass exactly one of --workdir and --hf_dir")
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+  jax.config.update("jax_threefry_partitionable", True)
+  from evaluation import restore, runner, sample  # after distributed init
+
+  if _WORKDIR.value:
+    config, model, step = restore.load_workdir(_WORKDIR.value, step=_STEP.value)
+    source, output_dir = _WORKDIR.value, _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, "eval")
+  else:
+    config, model, step = restore.load_hf(_HF_DIR.value, dtype=_DTYPE.value, seq_len=_SEQ_LEN.value,
+                                          batch_size=_BATCH_SIZE.value)
+    source, output_dir = _HF_DIR.value, _OUTPUT_DIR.value or os.path.join(_HF_DIR.value, "eval")
+  if _EVAL_BATCHES.value is not None:
+    config.eval_batches = _EVAL_BATCHES.value
+  if _DATA_DIR.value is not None:
+    config.data.data_dir = _DATA_DIR.value
+  tokenizer = restore.tokenizer_for(config)
+
+  if _MODE.value == "sample":
+    texts = sample.sample(model, tokenizer, _PROMPT.value, num_samples=_NUM_SAMPLES.value,
+                          max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                          top_p=_TOP_P.value, repetition_penalty=_REPETITION.value, seed=_SEED.value)
+    for i, text in enumerate(texts):
+      print(f"--- sample {i} (step {step}, seed {_SEED.value}) ---\n{_PROMPT.value}{text}", flush=True)
+    return
+  results = runner.evaluate(config, model, tokenizer, step=step, output_dir=output_dir, source=source,
+                            tasks=_TASKS.value, task_examples=_TASK_EXAMPLES.value,
+                            task_batch_size=_TASK_BATCH.value)
+  if jax.process_index() == 0:
+    print(runner.report.summary(results))
+    if "path" in results:
+      print(f"wrote {results['path']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

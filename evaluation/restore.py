@@ -1,0 +1,140 @@
+"""Rebuild a trained model for evaluation: from a training workdir or from an HF checkpoint directory.
+
+  config, model, step = restore.load_workdir("/tmp/tiny")        # newest checkpoint; step=N picks one
+  config, model, step = restore.load_hf("/path/deepseek-v3-dir")  # step 0; tokenizer.json beside it
+  tok = restore.tokenizer_for(config)
+
+A workdir holds `config.json` (the run config, written by the training loop) and orbax checkpoints in
+`checkpoints/<step>`. Only the `params` and `router_bias` of the saved TrainState are read (a partial
+restore: no optimizer moments, no data-iterator state), straight into the shardings the run's mesh
+gives them, so a model restores on any device count its mesh config resolves to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import models
+import sharding
+from configs import common
+from data import pipeline
+from data import tokenizers
+from training.state import ModelDef
+
+# A dtype *object* in a run config is written by `to_json_best_effort` as its repr.
+_DTYPE_REPR = re.compile(r"^<class '(?:jax\.numpy|numpy|ml_dtypes)\.(\w+)'>$")
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """WORKDIR/config.json as a ConfigDict whose `model` part `models.from_dict` accepts."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir (train.py --workdir)?")
+  with open(path) as f:
+    raw = json.load(f)
+  for key in ("dtype", "param_dtype"):
+    value = raw.get("model", {}).get(key)
+    if isinstance(value, str) and (m := _DTYPE_REPR.match(value)):
+      raw["model"][key] = m.group(1)
+  return ml_collections.ConfigDict(raw)
+
+
+def eval_mesh(config) -> jax.sharding.Mesh:
+  """The run's mesh on this machine; if its fixed axis sizes do not fit the devices here (say a run
+  trained on 8 chips is evaluated on 1), every device goes to the data axis instead."""
+  try:
+    return sharding.make_mesh(config.mesh)
+  except ValueError as e:
+    logging.warning("the run's mesh %s does not fit the %d devices here (%s); using data=-1",
+                    dict(config.mesh), jax.device_count(), e)
+    return sharding.make_mesh({"data": -1})
+
+
+def _abstract_state(model_cfg: models.ModelConfig, mesh, rules) -> tuple[ModelDef, dict]:
+  """The ModelDef and an abstract {params, router_bias, step} target carrying the mesh shardings."""
+  modeldef = ModelDef.of(nnx.eval_shape(lambda: models.Transformer(model_cfg, rngs=nnx.Rngs(0))))
+  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+
+  def tree(template):
+    shardings = nnx.to_pure_dict(sharding.state_shardings(template, mesh, rules))
+    return jax.tree.map(with_sharding, nnx.to_pure_dict(template), shardings)
+
+  target = {"params": tree(modeldef.params_template), "router_bias": tree(modeldef.bias_template),
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))}
+  return modeldef, target
+
+
+def restore_params(checkpoint_dir: str, model_cfg: models.ModelConfig, mesh, *, step: int | None = None,
+                   rules=None) -> tuple[models.Transformer, int]:
+  """(model, step) from `checkpoint_dir/<step>` (default: the newest), params and router biases only."""
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=("state",), options=options)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoints in {checkpoint_dir}")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir} (have {sorted(steps)})")
+    modeldef, target = _abstract_state(model_cfg, mesh, rules)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)  # skips opt_state
+    state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+  finally:
+    manager.close()
+  return modeldef.merge(state["params"], state["router_bias"]), int(step)
+
+
+def load_workdir(workdir: str, *, step: int | None = None, mesh=None
+                 ) -> tuple[ml_collections.ConfigDict, models.Transformer, int]:
+  """(run config, trained model, checkpoint step) of a training workdir."""
+  config = read_config(workdir)
+  model_cfg = models.from_dict(config.model.to_dict())
+  mesh = eval_mesh(config) if mesh is None else mesh
+  model, step = restore_params(os.path.join(workdir, "checkpoints"), model_cfg, mesh, step=step,
+                               rules=config.get("sharding_rules"))
+  return config, model, step
+
+
+def _model_fields(cfg: models.ModelConfig) -> dict:
+  """ModelConfig → JSON-able dict (dtypes by name), the form run configs keep it in."""
+  d = dataclasses.asdict(cfg)
+  for key in ("dtype", "param_dtype"):
+    d[key] = jnp.dtype(d[key]).name
+  return d
+
+
+def load_hf(hf_dir: str, *, dtype="float32", seq_len: int = 256, batch_size: int = 16, eval_batches: int = 16,
+            data_dir: str = "", mesh=None) -> tuple[ml_collections.ConfigDict, models.Transformer, int]:
+  """(run config, model, 0) for an HF DeepSeek-V2/V3 checkpoint directory with its `tokenizer.json`.
+
+  The run config is the defaults of configs/common.py around the checkpoint's architecture, with the
+  HF tokenizer and the embedded stdlib corpus for evaluation, and the given eval shape.
+  """
+  if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+    raise FileNotFoundError(f"{hf_dir} has no tokenizer.json (needed to tokenize eval data and prompts)")
+  model = models.load_hf_checkpoint(hf_dir, dtype=jnp.dtype(dtype))
+  config = common.run_config(_model_fields(model.cfg), seq_len=min(seq_len, model.cfg.max_position_embeddings),
+                             batch_size=batch_size, eval_batches=eval_batches)
+  config.data.update(tokenizer="hf", tokenizer_path=os.path.abspath(hf_dir), data_dir=data_dir)
+  mesh = eval_mesh(config) if mesh is None else mesh
+  state = nnx.state(model)  # loaded onto one device: lay it out on the mesh like a restored run
+  nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
+  return config, model, 0
+
+
+def tokenizer_for(config) -> tokenizers.Tokenizer:
+  """The tokenizer the run trained with (config.data.tokenizer / tokenizer_path)."""
+  return pipeline.make_tokenizer(config.data)

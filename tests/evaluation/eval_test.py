@@ -1,0 +1,100 @@
+"""eval.py on a freshly trained tiny:test workdir: it reproduces the run's eval, reports sane expert
+loads and task results, writes its files, and samples reproducibly."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import evaltest_util as util
+
+
+@pytest.fixture(scope="module")
+def workdir():
+  return util.trained_workdir()
+
+
+@pytest.fixture(scope="module")
+def eval_run(workdir):
+  """(stdout, results dict) of one `eval.py --workdir=W --tasks=arithmetic`, run once per session."""
+  def build(path):
+    out = util.run("eval.py", f"--workdir={workdir}", "--tasks=arithmetic", "--task_examples=6",
+                   "--task_batch_size=4")
+    (path / "stdout.txt").write_text(out)
+  path = util.once("eval_run", build)
+  with open(workdir / "eval" / "results_6.json") as f:
+    return (path / "stdout.txt").read_text(), json.load(f)
+
+
+def test_reproduces_the_training_runs_last_eval(workdir, eval_run):
+  evals = [r for r in util.metrics_rows(workdir) if "eval/bits_per_byte" in r]
+  last = evals[-1]
+  assert last["step"] == 6
+  _, results = eval_run
+  assert results["step"] == 6
+  for key in ("eval/bits_per_byte", "eval/loss", "eval/perplexity", "eval/tokens"):
+    assert results["eval"][key] == pytest.approx(last[key], abs=1e-5, rel=1e-6), key
+  assert results["eval_setup"] == {"eval_batches": 2, "seq_len": 32, "batch_size": 8, "seed": 0}
+
+
+def test_writes_results_tensorboard_and_a_summary(workdir, eval_run):
+  stdout, _ = eval_run
+  assert "bits/byte" in stdout and "results_6.json" in stdout
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "eval"))
+
+
+def test_expert_load_statistics_are_sane(eval_run):
+  _, results = eval_run
+  loads = results["expert_load"]
+  assert set(loads) == {"moe_layers", "mtp"}  # tiny:test: 3 layers, the first dense; one MTP block
+  assert len(loads["moe_layers"]) == 2 and len(loads["mtp"]) == 1
+  tokens = 2 * 8 * 32 * 2  # eval_batches x batch x seq_len x top-k
+  for layer in loads["moe_layers"] + loads["mtp"]:
+    frac = np.asarray(layer["fractions"])
+    assert frac.shape == (8,)
+    assert frac.sum() == pytest.approx(1.0, abs=1e-9)
+    assert (frac >= 0).all()
+    assert layer["load_max"] == pytest.approx(8 * frac.max()) and layer["load_max"] >= 1.0
+    assert layer["load_min"] == pytest.approx(8 * frac.min()) and layer["load_min"] <= 1.0
+    assert 0.0 < layer["routing_entropy"] <= 1.0
+  for layer in loads["moe_layers"]:
+    assert layer["tokens"] == tokens
+
+
+def test_arithmetic_task_result(eval_run):
+  stdout, results = eval_run
+  task = results["tasks"]["arithmetic"]
+  assert task["num_examples"] == 6 and len(task["examples"]) == 6
+  assert 0.0 <= task["accuracy"] <= 1.0
+  assert task["accuracy"] == pytest.approx(np.mean([e["score"] for e in task["examples"]]))
+  assert "task arithmetic: accuracy" in stdout
+
+
+def _samples(workdir, seed):
+  out = util.run("eval.py", f"--workdir={workdir}", "--mode=sample", "--prompt=def fib(", "--max_new_tokens=16",
+                 "--temperature=0.8", "--top_k=0", "--top_p=0.95", "--repetition_penalty=1.0", f"--seed={seed}",
+                 "--num_samples=2")
+  return out[out.index("--- sample 0"):]
+
+
+def test_sample_mode_prints_reproducible_completions(workdir):
+  first, again = _samples(workdir, 0), _samples(workdir, 0)
+  assert first.count("--- sample ") == 2 and first.count("def fib(") == 2
+  assert first == again
+
+
+def test_restore_and_expert_load_stats_in_process(workdir):
+  from evaluation import metrics, restore
+  config, model, step = restore.load_workdir(str(workdir))
+  assert step == 6 and config.seq_len == 32 and model.cfg.n_routed_experts == 8
+  assert restore.load_workdir(str(workdir), step=3)[2] == 3
+  with pytest.raises(FileNotFoundError, match="step 4"):
+    restore.load_workdir(str(workdir), step=4)
+  stats = metrics.expert_load_stats({"moe_layers": np.array([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])})
+  lopsided, balanced = stats["moe_layers"]
+  assert lopsided["load_max"] == 4.0 and lopsided["load_min"] == 0.0 and lopsided["routing_entropy"] == 0.0
+  assert balanced["load_max"] == balanced["load_min"] == 1.0
+  assert math.isclose(balanced["routing_entropy"], 1.0)
+  assert metrics.flat_scalars(stats)["moe/moe_layers/layer1/load_max"] == 1.0
