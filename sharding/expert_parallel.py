@@ -16,8 +16,9 @@ each device, holding n = b·T tokens (a = n·k assignments) and the experts of o
      can hold all a assignments, so nothing is dropped (dense: XLA:CPU has no lax.ragged_all_to_all);
   3. all_to_all over "expert" → the rows every shard of its expert group sends to its experts, with
      local expert ids (empty slots carry the id E/P and come back as zeros);
-  4. runs its local experts with models.moe.expert_ffn (grouped ragged_dot, or the capacity backend:
-     ceil(cf · P·a / E) slots per local expert, first come first served in (source shard, token) order);
+  4. runs its local experts with models.moe.expert_ffn (grouped ragged_dot). With the capacity backend
+     the assignments beyond ceil(cf · global assignments / E) per expert are dropped first, in global
+     token order (counts all_gathered over the batch axes), so exactly the single-device drops happen;
   5. all_to_all back (the same permutation inverted) and reads each assignment from its slot;
   6. combines with the routing weights in float32 and, when F was split over "tensor", psums the
      partial down-projections over "tensor" (after the combine, where the array is smallest).
@@ -98,11 +99,30 @@ def _local(x_bTD, real_bT, valid_bT, router_state, gate, up, down, *, cfg: Model
 
   x_nD = x_bTD.reshape(b * t, d)
   experts_a = jnp.where(real_a > 0, routing.experts_BTk.reshape(-1), e)  # padding goes nowhere
+  if cfg.moe_backend == "capacity":
+    # Drop exactly what the single-device backend drops, then run the kept assignments dropless.
+    experts_a = _global_capacity_drop(experts_a, cfg, batch_axes, num_sequences * t * k)
+    cfg = cfg.replace(moe_backend="dropless")
   y_nD = _dispatch_and_combine(x_nD, experts_a, routing.weights_BTk.reshape(-1), (gate, up, down),
                                cfg=cfg, num_shards=num_shards)
   if tensor is not None:
     y_nD = jax.lax.psum(y_nD, tensor)
   return y_nD.astype(x_bTD.dtype).reshape(b, t, d), load_E, balance
+
+
+def _global_capacity_drop(experts_a, cfg: ModelConfig, batch_axes, global_assignments: int):
+  """Capacity dropping in global token order: an assignment keeps its expert iff fewer than C earlier
+  assignments of the whole batch (earlier shards first, then earlier local rows) chose that expert,
+  C = max(1, ceil(cf · global assignments / E)) — the rule of the single-device capacity backend.
+  Dropped (and padding) assignments get the id E, which goes nowhere."""
+  e = cfg.n_routed_experts
+  one_hot_aE = jax.nn.one_hot(experts_a, e, dtype=jnp.int32)  # id E (padding) → all zeros
+  counts_SE = jax.lax.all_gather(jnp.sum(one_hot_aE, axis=0), batch_axes)
+  earlier_S = jnp.arange(counts_SE.shape[0]) < jax.lax.axis_index(batch_axes)
+  offset_E = jnp.sum(jnp.where(earlier_S[:, None], counts_SE, 0), axis=0)
+  slot_a = jnp.sum((jnp.cumsum(one_hot_aE, axis=0) - 1 + offset_E) * one_hot_aE, axis=-1)
+  capacity = max(1, math.ceil(cfg.capacity_factor * global_assignments / e))
+  return jnp.where((experts_a < e) & (slot_a < capacity), experts_a, e)
 
 
 def _dispatch_and_combine(x_nD, experts_a, weights_a, expert_weights, *, cfg: ModelConfig,

@@ -64,7 +64,7 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedu
         "train/loss": loss,
         "train/ce": terms["ce_sum"] / jnp.maximum(counts["ce_count"], 1.0),
         "train/balance_loss": terms["balance"] / accum,
-        "train/grad_norm": optax.global_norm(grads),
+        "train/grad_norm": optax.tree.norm(grads),
         "train/lr": schedule(state.step),
         "train/tokens": counts["ce_count"],
     }

@@ -15,8 +15,11 @@ from models.moe import MoE
 
 @functools.cache
 def _moe(backend):
-  # Capacity: cf = E so every expert could take every assignment (nothing is ever dropped).
-  cfg = lib.tiny_config(moe_backend=backend, capacity_factor=8.0)
+  # "capacity": cf = E so nothing is ever dropped; "dropping": cf 0.5 drops many assignments.
+  if backend == "dropping":
+    cfg = lib.tiny_config(moe_backend="capacity", capacity_factor=0.5)
+  else:
+    cfg = lib.tiny_config(moe_backend=backend, capacity_factor=8.0)
   graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
   return cfg, graphdef, lib.randomize(state, seed=3)
 
@@ -70,6 +73,11 @@ class ExpertParallelTest(parameterized.TestCase):
       (f"{backend}_{mesh}", backend, mesh) for backend in ("dropless", "capacity") for mesh in lib.MESHES)
   def test_matches_single_device(self, backend, mesh):
     self._check(backend, lib.MESHES[mesh], b=8, t=6)
+
+  @parameterized.named_parameters((mesh, mesh) for mesh in lib.MESHES)
+  def test_capacity_drops_the_single_device_assignments(self, mesh):
+    # With a small capacity the same assignments must be dropped as on one device (global order).
+    self._check("dropping", lib.MESHES[mesh], b=8, t=6)
 
   def test_token_count_not_divisible_by_shards(self):
     # 3 × 5 = 15 tokens over 8 batch shards: padded with assignments that go nowhere.
