@@ -51,14 +51,21 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def eval_mesh(config) -> jax.sharding.Mesh:
-  """The run's mesh on this machine; if its fixed axis sizes do not fit the devices here (say a run
-  trained on 8 chips is evaluated on 1), every device goes to the data axis instead."""
+  """The run's mesh on this machine. If its fixed axis sizes do not fit the devices here (say a run
+  trained on 8 chips is evaluated on 1), or the eval batch does not split over its batch axes, the
+  data axis takes the most devices that divide the batch (the rest stay idle)."""
   try:
-    return sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    if config.batch_size % shards == 0:
+      return mesh
+    reason = f"batch {config.batch_size} does not split over {shards} batch shards"
   except ValueError as e:
-    logging.warning("the run's mesh %s does not fit the %d devices here (%s); using data=-1",
-                    dict(config.mesh), jax.device_count(), e)
-    return sharding.make_mesh({"data": -1})
+    reason = str(e)
+  n = max(d for d in range(1, jax.device_count() + 1)
+          if config.batch_size % d == 0 and jax.device_count() % d == 0)
+  logging.warning("the run's mesh %s does not fit here (%s); using data=%d", dict(config.mesh), reason, n)
+  return sharding.make_mesh({"data": n}, devices=jax.devices()[:n])
 
 
 def _abstract_state(model_cfg: models.ModelConfig, mesh, rules) -> tuple[ModelDef, dict]:

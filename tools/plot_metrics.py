@@ -11,8 +11,6 @@ import re
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: the workdir).")
 
 
 def read_metrics(path: str) -> dict[int, dict]:
@@ -79,10 +77,13 @@ def plot(workdir: str, out_dir: str | None = None) -> list[str]:
 
 def main(argv):
   del argv
-  for path in plot(_WORKDIR.value, _OUT.value):
+  for path in plot(flags.FLAGS.workdir, flags.FLAGS.out):
     print(path)
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a command, so importing plot() defines none.
+  flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.")
+  flags.DEFINE_string("out", None, "Output directory (default: the workdir).")
   flags.mark_flags_as_required(["workdir"])
   app.run(main)
