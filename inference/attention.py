@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from models.layers import matmul
-from models.mla import MLA, attend
+from models.mla import MLA
 
 _NEG = jnp.finfo(jnp.float32).min
 
@@ -30,14 +30,10 @@ def _expanded_entries(k_nope_BTHK, v_BTHK, k_pe_BTK) -> dict[str, jax.Array]:
 
 def prefill_attention(attn: MLA, x_BTD, cos_BTK, sin_BTK, mask_B1TT, kind: str):
   """Causal self-attention over the prompt (as `MLA.__call__`) → (output [B,T,D], cache entries)."""
-  cfg = attn.cfg
   q_nope_BTHK, q_pe_BTHK = attn.query(x_BTD, cos_BTK, sin_BTK)
   c_BTR, k_pe_BTK = attn.latent(x_BTD, cos_BTK, sin_BTK)
   k_nope_BTHK, v_BTHK = attn.expand(c_BTR)
-  scores_BHTT = (
-      jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BTHK, preferred_element_type=jnp.float32)
-      + jnp.einsum("bthk,bsk->bhts", q_pe_BTHK, k_pe_BTK, preferred_element_type=jnp.float32))
-  o_BTHK = attend(scores_BHTT * cfg.softmax_scale, mask_B1TT, v_BTHK)
+  o_BTHK = attn.expanded_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BTHK, k_pe_BTK, v_BTHK, mask_B1TT)
   if kind == "latent":
     entries = {"c": c_BTR, "k_pe": k_pe_BTK}
   else:

@@ -77,17 +77,19 @@ class MLA(nnx.Module):
   def output(self, o_BTHK):
     return matmul(o_BTHK, self.wo[...], self.cfg, "bthk,hkd->btd") + self._bias("wo_bias")
 
-  def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_B1TS):
-    cfg = self.cfg
-    q_nope_BTHK, q_pe_BTHK = self.query(x_BTD, cos_BTK, sin_BTK)
-    c_BSR, k_pe_BSK = self.latent(x_BTD, cos_BTK, sin_BTK)
-    k_nope_BSHK, v_BSHK = self.expand(c_BSR)
-    # The rope key is one head shared by all heads: score it separately instead of broadcasting it.
+  def expanded_attention(self, q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS):
+    """Multi-head attention over expanded keys → [B,T,H,Kv]. The rope key is one head shared by all
+    heads: it is scored separately instead of being broadcast."""
     scores_BHTS = (
         jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BSHK, preferred_element_type=jnp.float32)
         + jnp.einsum("bthk,bsk->bhts", q_pe_BTHK, k_pe_BSK, preferred_element_type=jnp.float32))
-    o_BTHK = attend(scores_BHTS * cfg.softmax_scale, mask_B1TS, v_BSHK)
-    return self.output(o_BTHK)
+    return attend(scores_BHTS * self.cfg.softmax_scale, mask_B1TS, v_BSHK)
+
+  def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_B1TS):
+    q_nope_BTHK, q_pe_BTHK = self.query(x_BTD, cos_BTK, sin_BTK)
+    c_BSR, k_pe_BSK = self.latent(x_BTD, cos_BTK, sin_BTK)
+    k_nope_BSHK, v_BSHK = self.expand(c_BSR)
+    return self.output(self.expanded_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS))
 
 
 def attend(scores_BHTS, mask_B1TS, v_BSHK):
