@@ -8,6 +8,7 @@ uninterrupted run would). Saves are asynchronous; a checkpoint is only visible o
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import grain
@@ -15,6 +16,29 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+def _ignore_abandoned_reads() -> None:
+  """Drops the noise that a failed restore leaves behind, and nothing else.
+
+  When one array of a checkpoint fails to read, orbax's restore raises and closes its event loop while
+  tensorstore reads of the other arrays are still in flight. Each of those reads later finishes by
+  scheduling a callback on the closed loop, which raises `RuntimeError('Event loop is closed')` on a
+  tensorstore thread, reported through `sys.unraisablehook`: hundreds of tracebacks that bury the
+  real message (and can interleave with it). The reads have nowhere to deliver their data, so there
+  is nothing to handle; this hook drops exactly those reports and passes every other one on.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_ignores_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._ignores_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -51,6 +75,7 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
       except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
+        _ignore_abandoned_reads()
         logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); falling back to the "
                         "previous one", step, self.directory, type(e).__name__, str(e)[:300])
         print(f"WARNING: checkpoint {step} is unreadable ({type(e).__name__}); falling back to the previous one")
