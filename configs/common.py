@@ -3,6 +3,20 @@
 import ml_collections
 
 
+def released_rope(mscale: float) -> dict:
+  """Model fields of the released V2/V3 rope: a 4K pretraining context stretched 40x by YaRN.
+
+  V3 uses mscale = mscale_all_dim = 1.0 (attention scale unchanged), V2 and V2-Lite 0.707.
+  """
+  return dict(max_position_embeddings=163840, rope_theta=10000.0, rope_type="yarn", rope_factor=40.0,
+              original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
+              mscale=mscale, mscale_all_dim=mscale)
+
+
+# Model fields every released model shares: norm epsilon, init scale, bf16 compute on fp32 master weights.
+RELEASED_NUMERICS = dict(rms_norm_eps=1e-6, init_std=0.006, dtype="bfloat16", param_dtype="float32")
+
+
 def data_defaults() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   d.dataset = "python_stdlib"  # python_stdlib (embedded, offline) | text_files (your own files)

@@ -4,7 +4,7 @@
 prints total_params: ~15.7B, activated_params: ~2.4B.
 """
 
-from configs.common import run_config
+from configs.common import RELEASED_NUMERICS, released_rope, run_config
 
 
 def model_fields():
@@ -30,20 +30,9 @@ def model_fields():
       topk_group=1,
       norm_topk_prob=False,
       routed_scaling_factor=1.0,
-      max_position_embeddings=163840,
-      rope_theta=10000.0,
-      rope_type="yarn",
-      rope_factor=40.0,
-      original_max_position_embeddings=4096,
-      beta_fast=32.0,
-      beta_slow=1.0,
-      mscale=0.707,
-      mscale_all_dim=0.707,
+      **released_rope(mscale=0.707),
       mtp_depth=0,
-      rms_norm_eps=1e-6,
-      init_std=0.006,
-      dtype="bfloat16",
-      param_dtype="float32",
+      **RELEASED_NUMERICS,
   )
 
 

@@ -5,7 +5,7 @@ The released architecture, for planning and for importing the released weights:
 prints total_params: 671.0B, activated_params: ~37B. Training it needs a TPU pod or a GPU cluster.
 """
 
-from configs.common import run_config
+from configs.common import RELEASED_NUMERICS, released_rope, run_config
 
 
 def get_config():
@@ -32,18 +32,7 @@ def get_config():
       group_score="top2_sum",
       norm_topk_prob=True,
       routed_scaling_factor=2.5,
-      max_position_embeddings=163840,
-      rope_theta=10000.0,
-      rope_type="yarn",  # 4K pretraining context extended 40x
-      rope_factor=40.0,
-      original_max_position_embeddings=4096,
-      beta_fast=32.0,
-      beta_slow=1.0,
-      mscale=1.0,
-      mscale_all_dim=1.0,
+      **released_rope(mscale=1.0),
       mtp_depth=1,
-      rms_norm_eps=1e-6,
-      init_std=0.006,
-      dtype="bfloat16",  # compute
-      param_dtype="float32",  # master weights
+      **RELEASED_NUMERICS,
   ))

@@ -1,27 +1,20 @@
-"""Shared pieces of the training tests: train.py runs in subprocesses, computed once per session.
-
-Expensive results (the data build, training runs) live in one scratch directory shared by every
-pytest-xdist worker of the session (conftest.py points `set_root` at it). `once(name, build)` builds
-one under a file lock, so whichever worker asks first does the work and the other reuses it; a failed
-build is recorded and re-raised, not retried. Subprocesses share JAX's persistent compilation cache,
-so a second run of an already compiled (config, device count) costs seconds instead of a minute.
-"""
+"""Shared pieces of the training tests: train.py runs in subprocesses, each made once per session
+(through session_scratch.once) and shared by the pytest-xdist workers."""
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import filelock
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from session_scratch import REPO, data_dir, metrics_rows, once, root, set_root, subprocess_env  # noqa: F401
+
 DRIVER = pathlib.Path(__file__).with_name("train_driver.py")
 PYTHON = sys.executable
 TIMEOUT_S = 480
@@ -48,64 +41,10 @@ CONFIG_FLAGS = (
 )
 STEPS = 6
 
-_root: pathlib.Path | None = None
-
-
-def set_root(path: os.PathLike) -> None:
-  global _root
-  _root = pathlib.Path(path)
-  _root.mkdir(parents=True, exist_ok=True)
-
-
-def root() -> pathlib.Path:
-  if _root is None:  # outside pytest (a module run directly)
-    set_root(tempfile.mkdtemp(prefix="training_tests_"))
-  return _root
-
-
-def once(name: str, build) -> pathlib.Path:
-  """`root()/name`, made by `build(path)` the first time any worker of the session asks for it."""
-  path = root() / name
-  with filelock.FileLock(str(path) + ".lock"):
-    failed = pathlib.Path(str(path) + ".failed")
-    if failed.exists():
-      raise RuntimeError(f"building {name} failed earlier in this session:\n{failed.read_text()}")
-    if not (path / ".done").exists():
-      shutil.rmtree(path, ignore_errors=True)
-      path.mkdir(parents=True)
-      try:
-        build(path)
-      except BaseException as e:
-        failed.write_text(f"{type(e).__name__}: {e}")
-        raise
-      (path / ".done").touch()
-  return path
-
-
-def data_dir() -> str:
-  """The stdlib corpus built once into the shared scratch dir (< 1 s)."""
-  def build(path):
-    from configs import common
-    from data import sources
-    cfg = common.data_defaults()
-    cfg.data_dir = str(path)
-    sources.prepare(cfg)
-  return str(once("tfds", build))
-
-
 def env(devices: int = 1) -> dict:
-  cache = root() / "jax_cache"
-  cache.mkdir(exist_ok=True)
-  e = dict(os.environ)
   # LLVM optimisation level 0 cuts a cold tiny-model compile from ~30 s to ~18 s; the HLO passes
   # (SPMD partitioning included) are unchanged, and every run of the session uses the same flags.
-  xla_flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-  e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags,
-           PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(cache),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-           PYTHONUNBUFFERED="1")
-  e.pop("PYTEST_XDIST_WORKER", None)
-  return e
+  return subprocess_env(f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
 
 
 def log_tail(log: pathlib.Path, n: int = 3000) -> str:
@@ -159,11 +98,6 @@ def wait_for(path: pathlib.Path, proc: subprocess.Popen, timeout: float = TIMEOU
       proc.send_signal(signal.SIGKILL)
       raise AssertionError(f"{path} did not appear within {timeout} s")
     time.sleep(0.1)
-
-
-def metrics_rows(workdir) -> list[dict]:
-  with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def logged(workdir, key: str = "train/loss") -> dict[int, float]:

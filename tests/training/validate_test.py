@@ -55,7 +55,7 @@ _MULTI_DEVICE_CASES = {
 
 _SCRIPT = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, {testdir!r})
+    sys.path[:0] = [{testdir!r}, {testdir!r} + "/.."]  # this suite's modules and session_scratch
     import jax
     import validate_test as t
     import train_testlib as lib
