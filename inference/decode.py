@@ -16,6 +16,7 @@ switched to dropless routing (`split_for_inference`): token dropping would coupl
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -232,8 +233,10 @@ def generate_full(model: Transformer, input_ids, max_new_tokens: int, *, tempera
   if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
   if t + max_new_tokens > cfg.max_position_embeddings:
-    raise ValueError(f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds "
-                     f"max_position_embeddings {cfg.max_position_embeddings}")
+    # Like transformers: RoPE is computed from the positions, so decoding goes on; quality may not.
+    warnings.warn(f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds max_position_embeddings "
+                  f"{cfg.max_position_embeddings}: positions beyond what the model was configured for",
+                  stacklevel=2)
   if cache not in KINDS:
     raise ValueError(f"unknown cache {cache!r}; expected one of {KINDS}")
   if prompt_lengths is None:
@@ -267,7 +270,7 @@ def generate(model: Transformer, input_ids, max_new_tokens: int, **kwargs) -> ja
   then emits pad_id), pad_id (default 0), prompt_lengths ([B]; prompts right-padded in input_ids,
   default all T), cache ("latent", the absorbed MLA cache, or "expanded"). Row b of the result is its
   prompt, then its generated tokens, then pad_id (so with equal lengths: [prompt | generated]).
-  The cache holds T + max_new_tokens positions (at most cfg.max_position_embeddings); MoE layers
+  The cache holds T + max_new_tokens positions (past cfg.max_position_embeddings with a warning); MoE layers
   route dropless whatever cfg.moe_backend says. Settings other than seed are static (a new setting
   compiles anew); seed and the prompts are not.
   """

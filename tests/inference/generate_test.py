@@ -79,7 +79,7 @@ class GenerateTest(chex.TestCase):
     self.assertTrue(np.all((np.asarray(out.tokens) >= 0) & (np.asarray(out.tokens) < cfg.vocab_size)))
 
   def test_argument_checks(self):
-    with self.assertRaisesRegex(ValueError, "max_position_embeddings"):
+    with self.assertWarnsRegex(UserWarning, "exceeds max_position_embeddings"):
       inference.generate(self.model, self.ids, self.cfg.max_position_embeddings - T + 1)
     with self.assertRaisesRegex(ValueError, "unknown cache"):
       inference.generate(self.model, self.ids, 2, cache="paged")
