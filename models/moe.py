@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import MLP, param
+from models.layers import MLP, matmul, param
 from models.router import Router, Routing, expert_load, sequence_balance_loss
 
 
@@ -90,8 +90,7 @@ def _capacity(cfg, weights, x_ND, tokens_A, experts_A):
   buf_ECD = (jnp.zeros((e * capacity, x_ND.shape[-1]), cfg.dtype)
              .at[flat_slot_A].set(_rows(x_ND, tokens_A).astype(cfg.dtype), mode="drop")
              .reshape(e, capacity, -1))
-  mm = lambda spec, a, w: jnp.einsum(spec, a, w.astype(cfg.dtype),
-                                     preferred_element_type=jnp.float32).astype(cfg.dtype)
+  mm = lambda spec, a, w: matmul(a, w, cfg, spec)
   h_ECF = jax.nn.silu(mm("ecd,edf->ecf", buf_ECD, gate)) * mm("ecd,edf->ecf", buf_ECD, up)
   y_ECD = mm("ecf,efd->ecd", h_ECF, down)
   y_AD = y_ECD.reshape(e * capacity, -1).at[flat_slot_A].get(mode="fill", fill_value=0)

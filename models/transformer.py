@@ -48,8 +48,7 @@ class Transformer(nnx.Module):
     return jnp.take(self.embed[...], ids_BT, axis=0).astype(self.cfg.dtype)
 
   def head(self, h_BTD):
-    return jnp.einsum("btd,dv->btv", h_BTD.astype(self.cfg.dtype), self.lm_head[...].astype(self.cfg.dtype),
-                      preferred_element_type=jnp.float32)
+    return matmul(h_BTD, self.lm_head[...], self.cfg, "btd,dv->btv", out_dtype=jnp.float32)
 
   def forward(self, input_ids, positions=None, segment_ids=None, *, with_mtp: bool = False) -> ModelOutput:
     """Full forward pass. positions default to 0..T-1; segment_ids (packed documents) keep attention
