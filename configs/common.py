@@ -38,7 +38,7 @@ def run_config(model: dict, **run_fields) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # PRNG seed for initialisation and data order
   # Execution choices every config can override from the command line (see models/config.py).
-  model = dict(dict(moe_backend="dropless", capacity_factor=1.25, remat_policy="none"), **model)
+  model = dict(dict(moe_backend="dropless", capacity_factor=1.25, remat_policy="none", attention_impl="xla"), **model)
   c.model = ml_collections.ConfigDict(model)
   c.data = data_defaults()
 

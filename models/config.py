@@ -48,6 +48,9 @@ class ModelConfig:
   routed_scaling_factor: float = 1.0
   moe_backend: Literal["dropless", "capacity"] = "dropless"
   capacity_factor: float = 1.25  # capacity backend only: slots per expert = ceil(cf * N * k / E)
+  # Training-forward attention: "xla" (einsums, any device, exact reference) or "cudnn" (fused flash
+  # attention, GPU and bf16/fp16 only; value heads are zero-padded to the query/key head size).
+  attention_impl: Literal["xla", "cudnn"] = "xla"
   # Positions.
   max_position_embeddings: int
   rope_theta: float = 10000.0
@@ -97,6 +100,10 @@ class ModelConfig:
       need(self.original_max_position_embeddings, "YaRN needs original_max_position_embeddings")
     need(self.mtp_depth in (0, 1), "only MTP depth 0 or 1 is implemented")
     need(self.remat_policy in ("none", "full", "dots"), f"unknown remat_policy {self.remat_policy!r}")
+    need(self.attention_impl in ("xla", "cudnn"), f"unknown attention_impl {self.attention_impl!r}")
+    if self.attention_impl == "cudnn":
+      need(jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16),
+           f"attention_impl='cudnn' needs a bfloat16 or float16 compute dtype, not {jnp.dtype(self.dtype)}")
 
   @property
   def qk_head_dim(self) -> int:

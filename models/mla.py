@@ -77,9 +77,15 @@ class MLA(nnx.Module):
   def output(self, o_BTHK):
     return matmul(o_BTHK, self.wo[...], self.cfg, "bthk,hkd->btd") + self._bias("wo_bias")
 
-  def expanded_attention(self, q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS):
+  def expanded_attention(self, q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS,
+                         impl: str = "xla"):
     """Multi-head attention over expanded keys → [B,T,H,Kv]. The rope key is one head shared by all
-    heads: it is scored separately instead of being broadcast."""
+    heads: it is scored separately instead of being broadcast (the "xla" path)."""
+    if impl == "cudnn":
+      if jax.default_backend() != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs a GPU; this backend is {jax.default_backend()!r}")
+      return fused_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS,
+                             self.cfg.softmax_scale, implementation="cudnn")
     scores_BHTS = (
         jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BSHK, preferred_element_type=jnp.float32)
         + jnp.einsum("bthk,bsk->bhts", q_pe_BTHK, k_pe_BSK, preferred_element_type=jnp.float32))
@@ -89,7 +95,36 @@ class MLA(nnx.Module):
     q_nope_BTHK, q_pe_BTHK = self.query(x_BTD, cos_BTK, sin_BTK)
     c_BSR, k_pe_BSK = self.latent(x_BTD, cos_BTK, sin_BTK)
     k_nope_BSHK, v_BSHK = self.expand(c_BSR)
-    return self.output(self.expanded_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS))
+    return self.output(self.expanded_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS,
+                                               impl=self.cfg.attention_impl))
+
+
+def fused_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS, scale: float,
+                    implementation: str = "cudnn"):
+  """Self-attention of a packed training batch through `jax.nn.dot_product_attention` (cuDNN flash).
+
+  Assumes what the training forward guarantees: T == S, and positions increase along the sequence
+  within each segment, so the position mask implies index causality (`is_causal` lets cuDNN skip
+  the blocks above the diagonal; the mask still separates segments). jax's API wants equal key and
+  value head sizes, so v is zero-padded to the qk head size and the output cut back.
+  `implementation="xla"` runs the same arrangement anywhere (tests use it).
+  """
+  t, s = q_nope_BTHK.shape[1], k_nope_BSHK.shape[1]
+  if t != s:
+    raise ValueError(f"fused attention is self-attention (T == S); got T={t}, S={s}")
+  heads, kv = q_nope_BTHK.shape[2], v_BSHK.shape[-1]
+  q_BTHK = jnp.concatenate([q_nope_BTHK, q_pe_BTHK], axis=-1)
+  k_pe_BSHK = jnp.broadcast_to(k_pe_BSK[:, :, None], (*k_pe_BSK.shape[:2], heads, k_pe_BSK.shape[-1]))
+  k_BSHK = jnp.concatenate([k_nope_BSHK, k_pe_BSHK.astype(k_nope_BSHK.dtype)], axis=-1)
+  v_BSHK = jnp.pad(v_BSHK, ((0, 0), (0, 0), (0, 0), (0, q_BTHK.shape[-1] - kv)))
+  attend_with = lambda mask: jax.nn.dot_product_attention(q_BTHK, k_BSHK, v_BSHK, mask=mask, scale=scale,
+                                                          is_causal=True, implementation=implementation)
+  # cuDNN turns a mask into an additive bias it reads for every block (on an H100, V2-Lite shapes at
+  # 8x2048: 3.4x slower forward, 1.8x backward), so a batch whose mask is plain causality (one document
+  # per row) takes the unmasked kernel; packed rows keep the mask.
+  plain_causal = jnp.all(mask_B1TS == jnp.tril(jnp.ones((t, s), bool)))
+  o_BTHK = jax.lax.cond(plain_causal, lambda: attend_with(None), lambda: attend_with(mask_B1TS))
+  return o_BTHK[..., :kv]
 
 
 def attend(scores_BHTS, mask_B1TS, v_BSHK):

@@ -4,13 +4,14 @@ import math
 
 from absl.testing import absltest, parameterized
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from models import rope
 from models.config import yarn_mscale
-from models.mla import MLA, attention_mask
+from models.mla import MLA, attention_mask, fused_attention
 from tests.models import tiny_configs as tc
 
 B, T, H = 2, 12, 3
@@ -199,6 +200,46 @@ class MLATest(chex.TestCase):
     out = attn(jnp.asarray(x), jnp.asarray(cos, jnp.float32), jnp.asarray(sin, jnp.float32), jnp.asarray(mask))
     chex.assert_shape(out, (B, T, cfg.hidden_size))
     np.testing.assert_allclose(out, _np_mla(attn, x, cos, sin, mask, cfg), atol=1e-5, rtol=1e-5)
+
+  @parameterized.named_parameters(("packed", True), ("one_document_per_row", False))
+  def test_fused_attention_arrangement_matches_the_einsum_path(self, packed):
+    # The cuDNN path's layout (q/k concatenated, the shared rope key broadcast, v zero-padded, is_causal
+    # plus the segment mask, or no mask for plain causality), run through jax's XLA implementation so
+    # it can be checked on any device.
+    cfg = tc.v3_style(num_heads=H)
+    attn = tc.materialize(lambda: MLA(cfg, rngs=nnx.Rngs(0)), cfg, seed=3)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((B, T, cfg.hidden_size)), jnp.float32)
+    if packed:
+      segments = jnp.asarray(np.repeat([[1, 2, 3], [1, 1, 2]], [4, 3, T - 7], axis=1), jnp.int32)
+      pos = jnp.asarray(np.concatenate([np.arange(4), np.arange(3), np.arange(T - 7)])[None].repeat(B, 0),
+                        jnp.int32)
+      pos = pos.at[1].set(np.concatenate([np.arange(7), np.arange(T - 7)]))
+    else:
+      segments = jnp.ones((B, T), jnp.int32)
+      pos = jnp.tile(jnp.arange(T, dtype=jnp.int32), (B, 1))
+    angles = pos[..., None] * (10000.0 ** (-np.arange(0, cfg.qk_rope_head_dim, 2) / cfg.qk_rope_head_dim))
+    cos, sin = jnp.cos(angles).astype(jnp.float32), jnp.sin(angles).astype(jnp.float32)
+    mask = attention_mask(pos, pos, segments, segments)
+    q_nope, q_pe = attn.query(x, cos, sin)
+    c, k_pe = attn.latent(x, cos, sin)
+    k_nope, v = attn.expand(c)
+    expected = attn.expanded_attention(q_nope, q_pe, k_nope, k_pe, v, mask)
+    got = fused_attention(q_nope, q_pe, k_nope, k_pe, v, mask, cfg.softmax_scale, implementation="xla")
+    chex.assert_shape(got, expected.shape)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+  def test_cudnn_attention_needs_low_precision_and_a_gpu(self):
+    with self.assertRaisesRegex(ValueError, "bfloat16 or float16"):
+      tc.v3_style(attention_impl="cudnn", dtype=jnp.float32)
+    cfg = tc.v3_style(num_heads=H, attention_impl="cudnn", dtype=jnp.bfloat16)
+    attn = MLA(cfg, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 4, cfg.hidden_size), jnp.bfloat16)
+    cos = sin = jnp.ones((1, 4, cfg.qk_rope_head_dim // 2), jnp.float32)
+    mask = attention_mask(jnp.arange(4)[None], jnp.arange(4)[None])
+    if jax.default_backend() != "gpu":
+      with self.assertRaisesRegex(ValueError, "needs a GPU"):
+        attn(x, cos, sin, mask)
 
 
 if __name__ == "__main__":
