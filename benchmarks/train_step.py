@@ -1,0 +1,169 @@
+"""Times the real jitted train step (forward, backward, AdamW, router-bias update) on one device.
+
+  python -m benchmarks.train_step                                   # configs/bench_v2lite_4l.py, 8 x 2048
+  python -m benchmarks.train_step --variants=capacity:1.0+attn=cudnn,dropless --docs_per_row=4 --steps=10
+
+Each variant is a MoE backend (`dropless`, or `capacity:<factor>`) with optional `+remat=<policy>` and
+`+attn=<xla|cudnn>` (models.ModelConfig.attention_impl), e.g. `capacity:1.0+attn=cudnn`. For each:
+compile, warm up, then time `--steps` steps one by one (blocking on the loss after each) and report the
+median step time, tokens/s, model TFLOP/s per device (6·activated params + 3·causal attention per
+token, models/counting.py), MFU against the device's dense bf16 peak, and the step's memory (XLA's
+memory analysis). Tokens are random (never zeros). The first step's loss is printed per variant as a
+cross-check: every variant starts from the same initialisation and batch. A variant that fails (out
+of memory, say) is reported and the next one runs. `--profile_dir` traces one extra step per variant;
+`python -m benchmarks.trace_summary` ranks its kernels. Results go to benchmarks/RESULTS.md by hand,
+with the device, versions, command and date.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+import models
+from models import counting
+from training import optimizer as optim_lib
+from training import step as step_lib
+from training.metrics import peak_flops
+from training.state import ModelDef, init_state
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when run as a command, so importing this module defines none."""
+  config_flags.DEFINE_config_file("config", "configs/bench_v2lite_4l.py", "Run config file.")
+  flags.DEFINE_list(
+      "variants", ["capacity:1.0+attn=cudnn", "capacity:1.0+attn=cudnn+remat=full", "capacity:1.0+remat=full"],
+      "Variants to time (see the module docstring).")
+  flags.DEFINE_integer("batch", 8, "Sequences per step.")
+  flags.DEFINE_integer("seq", 2048, "Tokens per sequence.")
+  flags.DEFINE_integer("docs_per_row", 1,
+                       "Documents packed in each row (equal lengths; > 1 exercises the segment mask).")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
+  flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+  flags.DEFINE_string("profile_dir", "", "If set, trace one more step per variant (perfetto JSON).")
+
+
+def parse_variant(spec: str) -> dict:
+  """'capacity:1.0+remat=full+attn=cudnn' → model fields (moe_backend, capacity_factor, remat_policy,
+  attention_impl)."""
+  backend, *options = spec.split("+")
+  fields = {}
+  if backend == "dropless":
+    fields["moe_backend"] = "dropless"
+  elif backend.startswith("capacity:"):
+    fields.update(moe_backend="capacity", capacity_factor=float(backend.split(":", 1)[1]))
+  else:
+    raise ValueError(f"unknown variant {spec!r}: expected dropless or capacity:<factor>, then +key=value options")
+  names = {"remat": "remat_policy", "attn": "attention_impl"}
+  for option in options:
+    key, _, value = option.partition("=")
+    if key not in names or not value:
+      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: remat=<policy>, attn=<impl>)")
+    fields[names[key]] = value
+  return fields
+
+
+def spec_name(fields: dict) -> str:
+  return "-".join(f"{v}" for v in fields.values()).replace(".", "_")
+
+
+def random_batch(vocab_size: int, batch: int, seq: int, docs_per_row: int = 1, seed: int = 0) -> dict:
+  """A packed batch of random tokens: each row holds `docs_per_row` documents of (nearly) equal length."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab_size, size=(batch, seq), dtype=np.int32)
+  segments = 1 + np.arange(seq) * docs_per_row // seq
+  starts = np.searchsorted(segments, segments)  # index where each token's document begins
+  positions = np.arange(seq) - starts
+  return {"tokens": jnp.asarray(tokens),
+          "positions": jnp.asarray(np.broadcast_to(positions, (batch, seq)), jnp.int32),
+          "segment_ids": jnp.asarray(np.broadcast_to(segments, (batch, seq)), jnp.int32)}
+
+
+def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, profile_dir: str = "") -> dict:
+  config = config.copy_and_resolve_references()
+  config.model.update(fields)
+  model_cfg = models.from_dict(config.model.to_dict())
+  tx = optim_lib.make_optimizer(config.optim, config.total_steps)
+  schedule = optim_lib.learning_rate_schedule(config.optim, config.total_steps)
+  modeldef = ModelDef.of(nnx.eval_shape(lambda: models.Transformer(model_cfg, rngs=nnx.Rngs(0))))
+  state = jax.jit(lambda: init_state(model_cfg, tx, config.seed)[1])()
+  step = jax.jit(step_lib.make_train_step(modeldef, tx, schedule, config), donate_argnums=(0,))
+
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  losses, times = [], []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    losses.append(float(metrics["train/loss"]))  # blocks until the step is done
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  if profile_dir:
+    with jax.profiler.trace(f"{profile_dir}/{spec_name(fields)}", create_perfetto_trace=True):
+      state, metrics = compiled(state, batch)
+      float(metrics["train/loss"])
+  if not all(np.isfinite(losses)):
+    raise FloatingPointError(f"non-finite loss in {fields}: {losses}")
+
+  seconds = statistics.median(times)
+  tokens = batch["tokens"].size
+  flops_per_token = counting.train_flops_per_token(model_cfg, batch["tokens"].shape[1])
+  device = jax.devices()[0]
+  peak = peak_flops(device.device_kind)
+  tflops = flops_per_token * tokens / seconds / 1e12
+  mem = compiled.memory_analysis()  # the step's own footprint: state, batch, temporaries (donation aliases)
+  memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes) if mem is not None else 0
+  return {"variant": fields, "first_loss": losses[0], "compile_s": compile_s, "step_ms_median": seconds * 1e3,
+          "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3, "tokens_per_s": tokens / seconds,
+          "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak if peak else None,
+          "step_memory_gib": memory / 2**30}
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  config = f.config
+  batch = random_batch(config.model.vocab_size, f.batch, f.seq, f.docs_per_row)
+  device = jax.devices()[0]
+  print(f"{device.device_kind} | jax {jax.__version__} | batch {f.batch} x {f.seq}, "
+        f"{f.docs_per_row} document(s) per row | "
+        f"median of {f.steps} steps after {f.warmup} warm-up")
+  results = []
+  for spec in f.variants:
+    try:
+      result = time_variant(config, parse_variant(spec), batch, f.warmup, f.steps, f.profile_dir)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it and time the next variant
+      result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    result["spec"] = spec
+    results.append(result)
+    print(json.dumps(result), flush=True)
+    jax.clear_caches()
+  print(f"\n| variant | step ms (min-max) | tokens/s | TFLOP/s | MFU | step GiB | first loss | compile s |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in results:
+    if "error" in r:
+      print(f"| {r['spec']} | {r['error']} |")
+      continue
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    print(f"| {r['spec']} | {r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | "
+          f"{r['tokens_per_s']:,.0f} | {r['tflops_per_device']:.0f} | {mfu} | {r['step_memory_gib']:.1f} | "
+          f"{r['first_loss']:.4f} | {r['compile_s']:.0f} |")
+  if f.json:
+    with open(f.json, "w") as f:
+      json.dump({"device": device.device_kind, "jax": jax.__version__, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
