@@ -41,7 +41,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from models.config import ModelConfig
-from models.moe import RoutedExperts, combine, expert_ffn
+from models.moe import RoutedExperts, assignment_rows, combine, expert_ffn
 from models.router import Router, sequence_balance_loss
 
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -131,14 +131,14 @@ def _dispatch_and_combine(x_nD, experts_a, weights_a, expert_weights, *, cfg: Mo
   n, d = x_nD.shape
   local_experts = expert_weights[0].shape[0]
   a = experts_a.shape[0]
-  tokens_a = jnp.arange(a, dtype=jnp.int32) // (a // n)
+  k = a // n
   dest_a = experts_a // local_experts  # owning expert shard; num_shards (nobody) for padding
   one_hot_aP = jax.nn.one_hot(dest_a, num_shards, dtype=jnp.int32)
   slot_a = jnp.sum((jnp.cumsum(one_hot_aP, axis=0) - 1) * one_hot_aP, axis=-1)
   flat_a = dest_a * a + slot_a  # row of the [P·a] send buffer; past its end for padding
 
   send_PaD = (jnp.zeros((num_shards * a, d), x_nD.dtype)
-              .at[flat_a].set(x_nD[tokens_a], mode="drop").reshape(num_shards, a, d))
+              .at[flat_a].set(assignment_rows(x_nD, k), mode="drop").reshape(num_shards, a, d))
   send_ids_Pa = (jnp.full((num_shards * a,), local_experts, jnp.int32)
                  .at[flat_a].set(experts_a - dest_a * local_experts, mode="drop")
                  .reshape(num_shards, a))
@@ -148,4 +148,4 @@ def _dispatch_and_combine(x_nD, experts_a, weights_a, expert_weights, *, cfg: Mo
   y_RD = expert_ffn(cfg, expert_weights, recv_PaD.reshape(-1, d), None, recv_ids_Pa.reshape(-1))
   back_RD = jax.lax.all_to_all(y_RD.reshape(num_shards, a, d), "expert", 0, 0).reshape(-1, d)
   y_aD = back_RD.at[flat_a].get(mode="fill", fill_value=0)
-  return combine(y_aD, weights_a, tokens_a, n)
+  return combine(y_aD, weights_a, k)

@@ -5,11 +5,12 @@ import math
 
 from absl.testing import absltest, parameterized
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.moe import MoE
+from models.moe import MoE, permute_rows
 from models.router import Router, Routing, expert_load, sequence_balance_loss
 from tests.models import tiny_configs as tc
 
@@ -285,6 +286,40 @@ class ExpertsTest(chex.TestCase):
     changed = np.abs(out - dropless).max(-1) > 1e-4
     np.testing.assert_array_equal(changed, ~kept.all(-1))
     np.testing.assert_array_equal(out[~kept.any(-1)], 0.0)  # fully dropped tokens get no routed output
+
+  def test_permute_rows_gradient_is_the_gather_gradient(self):
+    # A partial injection: 5 of 8 output rows take distinct input rows, 3 take none (index 7 = out of range).
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(rng.standard_normal((7, 4)), jnp.float32)
+    index = jnp.asarray([3, 7, 0, 5, 7, 6, 1, 7], jnp.int32)
+    inverse = jnp.full((8,), 8, jnp.int32).at[index].set(jnp.arange(8, dtype=jnp.int32))[:7]
+    weights = jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)
+    loss = lambda f: (lambda x: jnp.sum(jnp.sin(f(x)) * weights))
+    ours = loss(lambda x: permute_rows(x, index, inverse))
+    plain = loss(lambda x: x.at[index].get(mode="fill", fill_value=0))
+    np.testing.assert_array_equal(ours(x), plain(x))
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-6, atol=1e-6)
+    self.assertTrue(np.all(np.asarray(jax.grad(ours)(x))[[2, 4]] == 0))  # rows no output took
+
+  @parameterized.named_parameters(("ample", None), ("dropping", 0.5))
+  def test_capacity_gradients(self, capacity_factor):
+    cfg = tc.STYLES["v3"]()
+    ample = cfg.n_routed_experts / cfg.num_experts_per_tok
+    moe = _moe("v3", moe_backend="capacity", capacity_factor=capacity_factor or ample)
+    n = B * T
+    x = jnp.asarray(_inputs(cfg, seed=14).reshape(n, -1))
+    routing = moe.router(x[None])
+    routing = Routing(*(a.reshape((n,) + a.shape[2:]) for a in routing))
+    g = jnp.asarray(np.random.default_rng(14).standard_normal(x.shape), jnp.float32)
+    loss = lambda experts, x: jnp.sum(experts(x, routing) * g)
+    dx = jax.grad(lambda x: loss(moe.experts, x))(x)
+    if capacity_factor is None:  # nothing dropped: the same gradient as the dropless backend
+      np.testing.assert_allclose(dx, jax.grad(lambda x: loss(_moe("v3").experts, x))(x), rtol=1e-5, atol=1e-5)
+    else:  # with drops: against central finite differences along a random direction
+      direction = jnp.asarray(np.random.default_rng(15).standard_normal(x.shape), jnp.float32)
+      eps = 1e-3
+      fd = (loss(moe.experts, x + eps * direction) - loss(moe.experts, x - eps * direction)) / (2 * eps)
+      np.testing.assert_allclose(jnp.sum(dx * direction), fd, rtol=2e-3)
 
   def test_whole_model_backends_agree(self):
     cfg = tc.v3_style(mtp_depth=0)  # the MTP block is one more MoE block: left out to save compiles
