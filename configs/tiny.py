@@ -4,8 +4,8 @@ trains on a 2-core CPU in minutes on the embedded Python-stdlib corpus. Byte-lev
   python train.py --config=configs/tiny.py --workdir=/tmp/tiny
 
 Measured 2026-11-23 on a 2-core CPU (no GPU), first use included (corpus build into a fresh data
-dir, compile, 800 steps of 16x128 bytes, two evals): 3 min 19 s wall, ~9.0k tokens/s, final
-eval/bits_per_byte 2.436 (eval/loss 1.688 nats/byte) on the validation split.
+dir, compile, 800 steps of 16x128 bytes, two evals): 3 min 20 s wall, ~9.2k tokens/s, final
+eval/bits_per_byte 2.398 (eval/loss 1.662 nats/byte) on the validation split.
   python train.py --config=configs/tiny.py:test --workdir=/tmp/t   # a smaller model for tests (seconds)
 """
 
