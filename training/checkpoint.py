@@ -68,6 +68,9 @@ class Checkpointer:
     restores (e.g. the model config changed), raises instead of silently starting over.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
+    # Before the first attempt: an abandoned read can report while a failed restore's error is still
+    # propagating, before any except clause runs.
+    _ignore_abandoned_reads()
     unreadable = []
     for step in steps:
       try:
@@ -75,7 +78,6 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
       except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
-        _ignore_abandoned_reads()
         logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); falling back to the "
                         "previous one", step, self.directory, type(e).__name__, str(e)[:300])
         print(f"WARNING: checkpoint {step} is unreadable ({type(e).__name__}); falling back to the previous one")
