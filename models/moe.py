@@ -2,8 +2,9 @@
 
 - "dropless": sort the N·k assignments by expert and run grouped matmuls (`jax.lax.ragged_dot`), so
   no token is ever dropped.
-- "capacity": scatter assignments into a fixed [E, C, D] buffer (C slots per expert, first come first
-  served in token order), batched einsum, gather back; assignments beyond capacity are dropped.
+- "capacity": place assignments in a fixed [E, C, D] buffer (C slots per expert, first come first
+  served in token order), batched einsum, take the rows back; assignments beyond capacity are dropped.
+  Both moves are gathers, in the forward and the backward pass (`permute_rows`).
 With ample capacity the two agree exactly. Under an ambient mesh (`jax.set_mesh`) whose "expert" axis
 is > 1, routing and routed experts run expert-parallel (all_to_all dispatch) in sharding/expert_parallel.py.
 """

@@ -54,7 +54,7 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedu
       return jax.tree.map(jnp.add, carry, grad_fn(state.params, mb)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    if accum == 1:  # no accumulator: zeros + g costs a full pass over the gradients (~5 % of a GPU step)
+    if accum == 1:  # no accumulator: zeros + g would cost a full pass over the gradients
       (loss, (terms, loads)), grads = grad_fn(state.params, first)
     else:
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state.params, first))
