@@ -185,7 +185,8 @@ def load_hf_checkpoint(ckpt_dir: str, dtype=jnp.float32, param_dtype=None, **con
 def _warn_unused(reader: _Reader, used: set[str], cfg: ModelConfig) -> None:
   """Tensors the layout does not read are reported, so nothing is dropped silently."""
   mtp_shared = {f"model.layers.{cfg.num_layers}.{n}" for n in ("embed_tokens.weight", "shared_head.head.weight")}
-  unused = sorted(k for k in reader.where if k not in used and k not in mtp_shared
+  empty = lambda k: 0 in reader.files[reader.where[k]].entries[k]["shape"]  # e.g. V2's width-0 shared MLP
+  unused = sorted(k for k in reader.where if k not in used and k not in mtp_shared and not empty(k)
                   and not k.endswith(".weight_scale_inv") and not k.startswith(f"model.layers.{cfg.num_layers + 1}."))
   if cfg.mtp_depth == 0:
     unused = [k for k in unused if not k.startswith(f"model.layers.{cfg.num_layers}.")]

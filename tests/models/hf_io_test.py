@@ -202,6 +202,22 @@ class HfIoTest(chex.TestCase):
     with self.assertRaisesRegex(models.CheckpointError, re.escape(quantized[0] + "_scale_inv")):
       models.load_hf_checkpoint(fp8_dir)
 
+  def test_unused_tensors_warn_unless_empty(self):
+    ckpt = self._copy()
+    path = os.path.join(ckpt, "model.safetensors")
+    tensors = _read_all(path)
+    # transformers writes width-0 shared-expert weights for V2 configs without shared experts.
+    tensors["model.layers.1.mlp.shared_experts.extra_proj.weight"] = np.zeros((0, 16), np.float32)
+    safetensors_io.write(path, tensors)
+    with self.assertNoLogs(level="WARNING"):
+      models.load_hf_checkpoint(ckpt)
+    tensors["model.layers.1.mlp.stray.weight"] = np.ones((2, 3), np.float32)
+    safetensors_io.write(path, tensors)
+    with self.assertLogs(level="WARNING") as logs:
+      models.load_hf_checkpoint(ckpt)
+    self.assertIn("1 checkpoint tensors are not used", logs.output[0])
+    self.assertIn("model.layers.1.mlp.stray.weight", logs.output[0])
+
   # Errors.
 
   def test_missing_directory(self):
