@@ -40,7 +40,7 @@ class RoutedExperts(nnx.Module):
     """x [N, D] with routing over the same N tokens (leading dims flattened) → [N, D]."""
     k = self.cfg.num_experts_per_tok
     experts_A = routing.experts_BTk.reshape(-1)
-    y_AD = expert_ffn(self.cfg, self.weights(), assignment_rows(x_ND, k), None, experts_A)
+    y_AD = expert_ffn(self.cfg, self.weights(), assignment_rows(x_ND, k), experts_A)
     return combine(y_AD, routing.weights_BTk.reshape(-1), k).astype(x_ND.dtype)
 
 
@@ -58,35 +58,30 @@ def combine(y_AD, weights_A, k: int):
   return y_AD.reshape(-1, k, y_AD.shape[-1]).sum(axis=1)
 
 
-def expert_ffn(cfg: ModelConfig, weights, x_ND, tokens_A, experts_A):
-  """Row a = expert experts_A[a] applied to x_ND[tokens_A[a]] (tokens_A None: to x_ND[a]) → [A, D].
+def expert_ffn(cfg: ModelConfig, weights, x_AD, experts_A):
+  """Row a = expert experts_A[a] applied to x_AD[a] → [A, D].
 
   weights = (gate [E', D, F'], up [E', D, F'], down [E', F', D]) may be a slice of the experts (an
   expert-parallel shard: E' local experts, F' a tensor shard of F); ids ≥ E' mark padding rows → 0.
   """
   backend = _dropless if cfg.moe_backend == "dropless" else _capacity
-  return backend(cfg, weights, x_ND, tokens_A, experts_A)
+  return backend(cfg, weights, x_AD, experts_A)
 
 
-def _rows(x_ND, tokens_A):
-  return x_ND if tokens_A is None else x_ND[tokens_A]
-
-
-def _dropless(cfg, weights, x_ND, tokens_A, experts_A):
+def _dropless(cfg, weights, x_AD, experts_A):
   gate, up, down = weights
   e = gate.shape[0]
   order_A = jnp.argsort(experts_A, stable=True)  # padding ids (≥ e) sort last, outside every group
   group_sizes_E = jnp.bincount(experts_A, length=e).astype(jnp.int32)
-  rows_A = order_A if tokens_A is None else tokens_A[order_A]
   ragged = lambda x, w: jax.lax.ragged_dot(x.astype(cfg.dtype), w.astype(cfg.dtype), group_sizes_E,
                                           preferred_element_type=jnp.float32).astype(cfg.dtype)
-  x_sorted_AD = x_ND[rows_A]
+  x_sorted_AD = x_AD[order_A]
   y_sorted_AD = ragged(jax.nn.silu(ragged(x_sorted_AD, gate)) * ragged(x_sorted_AD, up), down)
   y_AD = jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)
   return jnp.where((experts_A < e)[:, None], y_AD, 0)
 
 
-def _capacity(cfg, weights, x_ND, tokens_A, experts_A):
+def _capacity(cfg, weights, x_AD, experts_A):
   gate, up, down = weights
   e = gate.shape[0]
   # Slots per expert = ceil(cf · rows / E): with all E experts local this is cf × the balanced load;
@@ -101,8 +96,7 @@ def _capacity(cfg, weights, x_ND, tokens_A, experts_A):
   # both gathers, and so are their gradients (permute_rows).
   source_S = jnp.full((slots + 1,), experts_A.shape[0], jnp.int32).at[flat_slot_A].set(
       jnp.arange(experts_A.shape[0], dtype=jnp.int32))[:slots]
-  rows_AD = _rows(x_ND, tokens_A).astype(cfg.dtype)
-  buf_ECD = permute_rows(rows_AD, source_S, flat_slot_A).reshape(e, capacity, -1)
+  buf_ECD = permute_rows(x_AD.astype(cfg.dtype), source_S, flat_slot_A).reshape(e, capacity, -1)
   mm = lambda spec, a, w: matmul(a, w, cfg, spec)
   h_ECF = jax.nn.silu(mm("ecd,edf->ecf", buf_ECD, gate)) * mm("ecd,edf->ecf", buf_ECD, up)
   y_ECD = mm("ecf,efd->ecd", h_ECF, down)

@@ -145,7 +145,7 @@ def _dispatch_and_combine(x_nD, experts_a, weights_a, expert_weights, *, cfg: Mo
   recv_PaD = jax.lax.all_to_all(send_PaD, "expert", 0, 0)
   recv_ids_Pa = jax.lax.all_to_all(send_ids_Pa, "expert", 0, 0)
 
-  y_RD = expert_ffn(cfg, expert_weights, recv_PaD.reshape(-1, d), None, recv_ids_Pa.reshape(-1))
+  y_RD = expert_ffn(cfg, expert_weights, recv_PaD.reshape(-1, d), recv_ids_Pa.reshape(-1))
   back_RD = jax.lax.all_to_all(y_RD.reshape(num_shards, a, d), "expert", 0, 0).reshape(-1, d)
   y_aD = back_RD.at[flat_a].get(mode="fill", fill_value=0)
   return combine(y_aD, weights_a, k)
