@@ -56,6 +56,12 @@ class SafetensorsFile:
     return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+def read(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of one .safetensors file, copied into memory (the counterpart of `write`)."""
+  f = SafetensorsFile(path)
+  return {name: np.array(f.get(name)) for name in f.keys()}
+
+
 def write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
   """Writes numpy arrays (float32/bf16/int…) as one safetensors file, atomically."""
   header, offset, arrays = {}, 0, []

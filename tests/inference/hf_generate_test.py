@@ -22,8 +22,7 @@ TOL = 1e-4
 
 
 def _fixture(name):
-  f = safetensors_io.SafetensorsFile(os.path.join(FIXTURES, f"{name}.generate.safetensors"))
-  return {k: np.array(f.get(k)) for k in f.keys()}
+  return safetensors_io.read(os.path.join(FIXTURES, f"{name}.generate.safetensors"))
 
 
 class HFGenerateTest(parameterized.TestCase):

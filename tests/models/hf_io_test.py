@@ -32,11 +32,6 @@ def _cfg(style):
   return tc.STYLES[style](init_std=DEFAULT_INIT_STD)
 
 
-def _read_all(path):
-  f = safetensors_io.SafetensorsFile(path)
-  return {k: np.array(f.get(k)) for k in f.keys()}
-
-
 def _quantize_fp8(w, block=128):
   """Per-block e4m3 quantisation as DeepSeek ships it: (fp8 weight, float32 weight_scale_inv)."""
   rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
@@ -100,7 +95,7 @@ class HfIoTest(chex.TestCase):
 
   def test_saved_layout(self):
     cfg = _cfg("v3")
-    tensors = _read_all(os.path.join(self._dir("v3"), "model.safetensors"))
+    tensors = safetensors_io.read(os.path.join(self._dir("v3"), "model.safetensors"))
     self.assertEqual(tensors["model.embed_tokens.weight"].shape, (cfg.vocab_size, cfg.hidden_size))
     self.assertEqual(tensors["lm_head.weight"].shape, (cfg.vocab_size, cfg.hidden_size))  # HF [out, in]
     self.assertEqual(tensors["model.layers.1.mlp.experts.15.down_proj.weight"].shape, (32, 16))
@@ -124,7 +119,7 @@ class HfIoTest(chex.TestCase):
 
   def test_sharded_checkpoint_loads_identically(self):
     ckpt = self._copy()
-    tensors = _read_all(os.path.join(ckpt, "model.safetensors"))
+    tensors = safetensors_io.read(os.path.join(ckpt, "model.safetensors"))
     os.remove(os.path.join(ckpt, "model.safetensors"))
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
@@ -176,7 +171,7 @@ class HfIoTest(chex.TestCase):
       safetensors_io.dequantize_fp8(w, scale_inv[:, :2])
 
   def test_fp8_checkpoint_matches_dequantized_float32(self):
-    tensors = _read_all(os.path.join(self._dir("v3"), "model.safetensors"))
+    tensors = safetensors_io.read(os.path.join(self._dir("v3"), "model.safetensors"))
     fp8, deq = dict(tensors), dict(tensors)
     quantized = [k for k in tensors if FP8_LINEAR.search(k)]
     self.assertGreater(len(quantized), 100)
@@ -205,7 +200,7 @@ class HfIoTest(chex.TestCase):
   def test_unused_tensors_warn_unless_empty(self):
     ckpt = self._copy()
     path = os.path.join(ckpt, "model.safetensors")
-    tensors = _read_all(path)
+    tensors = safetensors_io.read(path)
     # transformers writes width-0 shared-expert weights for V2 configs without shared experts.
     tensors["model.layers.1.mlp.shared_experts.extra_proj.weight"] = np.zeros((0, 16), np.float32)
     safetensors_io.write(path, tensors)
@@ -239,7 +234,7 @@ class HfIoTest(chex.TestCase):
   def test_missing_tensor(self):
     ckpt = self._copy()
     path = os.path.join(ckpt, "model.safetensors")
-    tensors = _read_all(path)
+    tensors = safetensors_io.read(path)
     del tensors["model.layers.2.mlp.experts.7.up_proj.weight"]
     safetensors_io.write(path, tensors)
     with self.assertRaisesRegex(models.CheckpointError, r"'model\.layers\.2\.mlp\.experts\.7\.up_proj\.weight' is missing"):
@@ -265,7 +260,7 @@ class HfIoTest(chex.TestCase):
   def test_tensor_shape_mismatch(self, name, axis):
     ckpt = self._copy()
     path = os.path.join(ckpt, "model.safetensors")
-    tensors = _read_all(path)
+    tensors = safetensors_io.read(path)
     tensors[name] = np.delete(tensors[name], 0, axis=axis)
     safetensors_io.write(path, tensors)
     with self.assertRaises(ValueError) as ctx:
