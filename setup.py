@@ -35,6 +35,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "filelock>=3.12"],
-        "gpu": ["jax[cuda12]", "tokamax"],
+        "gpu": ["jax[cuda12]"],  # GPU kernels (tokamax) join when code imports them
     },
 )

@@ -4,28 +4,31 @@
   python -m benchmarks.train_step --variants=capacity:1.0+attn=cudnn,dropless --docs_per_row=4 --steps=10
 
 Each variant is a MoE backend (`dropless`, or `capacity:<factor>`) with optional `+remat=<policy>` and
-`+attn=<xla|cudnn>` (models.ModelConfig.attention_impl), e.g. `capacity:1.0+attn=cudnn`. For each:
+`+attn=<xla|cudnn>` (the fields of models.Execution), e.g. `capacity:1.0+attn=cudnn`. For each:
 compile, warm up, then time `--steps` steps one by one (blocking on the loss after each) and report the
 median step time, tokens/s, model TFLOP/s per device (6·activated params + 3·causal attention per
 token, models/counting.py), MFU against the device's dense bf16 peak, and the step's memory (XLA's
 memory analysis). Tokens are random (never zeros). The first step's loss is printed per variant as a
 cross-check: every variant starts from the same initialisation and batch. A variant that fails (out
 of memory, say) is reported and the next one runs. `--profile_dir` traces one extra step per variant;
-`python -m benchmarks.trace_summary` ranks its kernels. Results go to benchmarks/RESULTS.md by hand,
-with the device, versions, command and date.
+`python -m benchmarks.trace_summary` ranks its kernels. `--json=PATH` writes the results with the
+command, date, device and versions; every row of benchmarks/RESULTS.md cites such a file, committed in
+benchmarks/results/.
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
 import models
@@ -53,7 +56,7 @@ def define_flags() -> None:
 
 
 def parse_variant(spec: str) -> dict:
-  """'capacity:1.0+remat=full+attn=cudnn' → model fields (moe_backend, capacity_factor, remat_policy,
+  """'capacity:1.0+remat=full+attn=cudnn' → execution fields (moe_backend, capacity_factor, remat_policy,
   attention_impl)."""
   backend, *options = spec.split("+")
   fields = {}
@@ -90,13 +93,15 @@ def random_batch(vocab_size: int, batch: int, seq: int, docs_per_row: int = 1, s
 
 def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, profile_dir: str = "") -> dict:
   config = config.copy_and_resolve_references()
-  config.model.update(fields)
+  config.execution.update(fields)
   model_cfg = models.from_dict(config.model.to_dict())
+  execution = models.execution_from_dict(config.execution)
+  execution.check(model_cfg, platform=jax.devices()[0].platform)
   tx = optim_lib.make_optimizer(config.optim, config.total_steps)
   schedule = optim_lib.learning_rate_schedule(config.optim, config.total_steps)
-  modeldef = ModelDef.of(nnx.eval_shape(lambda: models.Transformer(model_cfg, rngs=nnx.Rngs(0))))
+  modeldef = ModelDef.abstract(model_cfg)
   state = jax.jit(lambda: init_state(model_cfg, tx, config.seed)[1])()
-  step = jax.jit(step_lib.make_train_step(modeldef, tx, schedule, config), donate_argnums=(0,))
+  step = jax.jit(step_lib.make_train_step(modeldef, tx, schedule, config, execution), donate_argnums=(0,))
 
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -160,8 +165,14 @@ def main(argv):
           f"{r['tokens_per_s']:,.0f} | {r['tflops_per_device']:.0f} | {mfu} | {r['step_memory_gib']:.1f} | "
           f"{r['first_loss']:.4f} | {r['compile_s']:.0f} |")
   if f.json:
-    with open(f.json, "w") as f:
-      json.dump({"device": device.device_kind, "jax": jax.__version__, "results": results}, f, indent=1)
+    versions = {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
+    record = {"command": "python -m benchmarks.train_step " + " ".join(sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device.device_kind, "device_count": jax.device_count(), "versions": versions,
+              "batch": f.batch, "seq": f.seq, "docs_per_row": f.docs_per_row, "warmup": f.warmup, "steps": f.steps,
+              "results": results}
+    with open(f.json, "w") as out:
+      json.dump(record, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,18 @@ def run_config(model: dict, **run_fields) -> ml_collections.ConfigDict:
   """Wraps model fields (ModelConfig names, see models/config.py) in a run config.
 
   The model part becomes a frozen `models.ModelConfig` via `models.from_dict(config.model.to_dict())`;
-  layers never see the run config.
+  layers never see the run config. How the model runs is the `execution` section (models/execution.py),
+  e.g. `--config.execution.moe_backend=capacity`.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0  # PRNG seed for initialisation and data order
-  # Execution choices every config can override from the command line (see models/config.py).
-  model = dict(dict(moe_backend="dropless", capacity_factor=1.25, remat_policy="none", attention_impl="xla"), **model)
   c.model = ml_collections.ConfigDict(model)
+  c.execution = ml_collections.ConfigDict(dict(
+      moe_backend="dropless",  # dropless (sort + grouped matmul) | capacity (token-dropping buffer)
+      capacity_factor=1.25,  # capacity backend: slots per expert = ceil(cf * tokens * top_k / experts)
+      attention_impl="xla",  # xla (einsums, any device) | cudnn (fused flash attention; GPU, bf16)
+      remat_policy="none",  # none | full | dots: what the backward pass recomputes per layer
+  ))
   c.data = data_defaults()
 
   c.total_steps = 1000

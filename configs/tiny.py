@@ -28,7 +28,6 @@ def get_config(arg: str | None = None):
       n_routed_experts=8,
       n_shared_experts=1,
       moe_intermediate_size=64,
-      moe_backend="capacity",  # on CPU the scatter+einsum backend is faster than ragged_dot
       num_experts_per_tok=2,
       score_func="sigmoid",
       router_bias=True,
@@ -46,6 +45,7 @@ def get_config(arg: str | None = None):
       dtype="float32",
       param_dtype="float32",
   ))
+  config.execution.moe_backend = "capacity"  # on CPU the gather + einsum buffer beats ragged_dot
   config.update(total_steps=800, batch_size=16, seq_len=128, log_every=50, eval_every=400, eval_batches=16,
                 checkpoint_every=400)
   config.optim.update(peak_lr=3e-3, warmup_fraction=0.05, decay_start_fraction=0.4, weight_decay=0.1)

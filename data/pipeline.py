@@ -42,7 +42,9 @@ JSON-serialisable dict. With Orbax, save it beside the train state:
 on a slice of the documents, so the order differs from worker_count=0 but is just as deterministic and
 resumable); 0 runs it synchronously in the calling process (~1 ms per 16×256 byte-token batch on
 one CPU core; no background threads, which grain does not shut down cleanly at interpreter exit).
-Call `it.close()` when done with an iterator that has workers.
+Call `it.close()` when done with an iterator that has workers. Workers need the process's absl flags
+parsed (grain reads its own when starting them): absl entry points such as train.py have them; elsewhere
+call `absl.flags.FLAGS.mark_as_parsed()` first, or `make_dataset` raises.
 """
 
 import functools
@@ -98,6 +100,12 @@ def _check_args(data_config, seq_len, global_batch_size, process_index, process_
     raise ValueError(f"num_epochs must be None (infinite) or >= 1, got {num_epochs}.")
   if data_config.get("worker_count", 0) < 0:
     raise ValueError(f"worker_count must be >= 0, got {data_config.get('worker_count')}.")
+  if data_config.get("worker_count", 0) > 0 and not flags.FLAGS.is_parsed():
+    # Starting worker processes, grain reads its own absl flag --grain_enable_multiprocess_worker_profiling
+    # without a default fallback. Parsing the process's flags is the entry point's business, not ours.
+    raise ValueError("worker_count > 0 needs absl flags parsed (grain reads its --grain_* flags when it "
+                     "starts workers): run under absl.app.run as train.py and eval.py do, or parse them "
+                     "first (absl.flags.FLAGS.mark_as_parsed() keeps every default); or use worker_count=0.")
 
 
 def make_dataset(data_config, split: str, seq_len: int, global_batch_size: int, *,
@@ -128,10 +136,6 @@ def make_dataset(data_config, split: str, seq_len: int, global_batch_size: int, 
   ds = packing.StateFixIterDataset(ds.map(functools.partial(_fill_padding, pad_id=tok.pad_id)))
   workers = data_config.get("worker_count", 0)
   if workers > 0:
-    if not flags.FLAGS.is_parsed():
-      # grain's worker setup reads its absl flags; outside an absl app (pytest, notebooks) they
-      # are unparsed and reading them raises. Their defaults are what we want.
-      flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return ds
 

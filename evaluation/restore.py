@@ -4,18 +4,17 @@
   config, model, step = restore.load_hf("/path/deepseek-v3-dir")  # step 0; tokenizer.json beside it
   tok = restore.tokenizer_for(config)
 
-A workdir holds `config.json` (the run config, written by the training loop) and orbax checkpoints in
-`checkpoints/<step>`. Only the `params` and `router_bias` of the saved TrainState are read (a partial
+A workdir holds `config.json` (the run config, written by the training loop; its `model` section is
+`ModelConfig.to_dict()`) and orbax checkpoints in `checkpoints/<step>`. Workdirs written before the
+`execution` section existed (execution fields inside `model`) read the same. Only the `params` and `router_bias` of the saved TrainState are read (a partial
 restore: no optimizer moments, no data-iterator state), straight into the shardings the run's mesh
 gives them, so a model restores on any device count its mesh config resolves to.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -32,21 +31,17 @@ from data import pipeline
 from data import tokenizers
 from training.state import ModelDef
 
-# A dtype *object* in a run config is written by `to_json_best_effort` as its repr.
-_DTYPE_REPR = re.compile(r"^<class '(?:jax\.numpy|numpy|ml_dtypes)\.(\w+)'>$")
-
-
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json as a ConfigDict whose `model` part `models.from_dict` accepts."""
+  """WORKDIR/config.json as a run ConfigDict: `model` for `models.from_dict`, `execution` for
+  `sharding.make_execution`."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir (train.py --workdir)?")
   with open(path) as f:
     raw = json.load(f)
-  for key in ("dtype", "param_dtype"):
-    value = raw.get("model", {}).get(key)
-    if isinstance(value, str) and (m := _DTYPE_REPR.match(value)):
-      raw["model"][key] = m.group(1)
+  if "execution" not in raw:  # the layout before models.Execution: execution fields inside `model`
+    model = raw.get("model", {})
+    raw["execution"] = {k: model.pop(k) for k in models.EXECUTION_FIELDS if k in model}
   return ml_collections.ConfigDict(raw)
 
 
@@ -56,7 +51,7 @@ def eval_mesh(config) -> jax.sharding.Mesh:
   data axis takes the most devices that divide the batch (the rest stay idle)."""
   try:
     mesh = sharding.make_mesh(config.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    shards = sharding.batch_shards(mesh, config.get("sharding_rules"))
     if config.batch_size % shards == 0:
       return mesh
     reason = f"batch {config.batch_size} does not split over {shards} batch shards"
@@ -68,9 +63,19 @@ def eval_mesh(config) -> jax.sharding.Mesh:
   return sharding.make_mesh({"data": n}, devices=jax.devices()[:n])
 
 
+def eval_execution(config, mesh) -> models.Execution:
+  """The run's execution on the eval mesh; cuDNN attention falls back to the XLA reference off GPUs."""
+  execution = sharding.make_execution(config.get("execution"), mesh, config.get("sharding_rules"))
+  platform = mesh.devices.flat[0].platform
+  if execution.attention_impl == "cudnn" and platform != "gpu":
+    logging.warning("the run used cuDNN attention; evaluating on %s with the XLA reference", platform)
+    execution = execution.replace(attention_impl="xla")
+  return execution
+
+
 def _abstract_state(model_cfg: models.ModelConfig, mesh, rules) -> tuple[ModelDef, dict]:
   """The ModelDef and an abstract {params, router_bias, step} target carrying the mesh shardings."""
-  modeldef = ModelDef.of(nnx.eval_shape(lambda: models.Transformer(model_cfg, rngs=nnx.Rngs(0))))
+  modeldef = ModelDef.abstract(model_cfg)
   with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
 
   def tree(template):
@@ -115,14 +120,6 @@ def load_workdir(workdir: str, *, step: int | None = None, mesh=None
   return config, model, step
 
 
-def _model_fields(cfg: models.ModelConfig) -> dict:
-  """ModelConfig → JSON-able dict (dtypes by name), the form run configs keep it in."""
-  d = dataclasses.asdict(cfg)
-  for key in ("dtype", "param_dtype"):
-    d[key] = jnp.dtype(d[key]).name
-  return d
-
-
 def load_hf(hf_dir: str, *, dtype="float32", seq_len: int = 256, batch_size: int = 16, eval_batches: int = 16,
             data_dir: str = "", mesh=None) -> tuple[ml_collections.ConfigDict, models.Transformer, int]:
   """(run config, model, 0) for an HF DeepSeek-V2/V3 checkpoint directory with its `tokenizer.json`.
@@ -133,12 +130,12 @@ def load_hf(hf_dir: str, *, dtype="float32", seq_len: int = 256, batch_size: int
   if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
     raise FileNotFoundError(f"{hf_dir} has no tokenizer.json (needed to tokenize eval data and prompts)")
   model = models.load_hf_checkpoint(hf_dir, dtype=jnp.dtype(dtype))
-  config = common.run_config(_model_fields(model.cfg), seq_len=min(seq_len, model.cfg.max_position_embeddings),
+  config = common.run_config(model.cfg.to_dict(), seq_len=min(seq_len, model.cfg.max_position_embeddings),
                              batch_size=batch_size, eval_batches=eval_batches)
   config.data.update(tokenizer="hf", tokenizer_path=os.path.abspath(hf_dir), data_dir=data_dir)
   mesh = eval_mesh(config) if mesh is None else mesh
   state = nnx.state(model)  # loaded onto one device: lay it out on the mesh like a restored run
-  nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
+  nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh, config.get("sharding_rules"))))
   return config, model, 0
 
 

@@ -35,7 +35,7 @@ def evaluate(config, model: models.Transformer, tokenizer: tokenizers.Tokenizer,
       "eval": scalars,
       "expert_load": stats,
   }
-  tb_scalars = {**scalars, **metrics.flat_scalars(stats)}
+  tb_scalars = {**scalars, **metrics.flat_scalars(loads)}
   if tasks:
     results["tasks"] = tasks_lib.run(tasks, model, tokenizer, config, num_examples=task_examples,
                                      batch_size=task_batch_size)

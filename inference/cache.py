@@ -53,15 +53,6 @@ def entry_shapes(cfg: ModelConfig, kind: CacheKind = "latent") -> dict[str, tupl
   raise ValueError(f"unknown cache kind {kind!r}; expected one of {KINDS}")
 
 
-def logical_axes(kind: CacheKind = "latent") -> dict[str, tuple[str, ...]]:
-  """Logical axis names of each cache entry (for sharding/'s rules table)."""
-  if kind == "latent":
-    return {"c": ("layers", "batch", "length", "kv_lora"), "k_pe": ("layers", "batch", "length", "kv")}
-  if kind == "expanded":
-    return {n: ("layers", "batch", "length", "heads", "kv") for n in ("k", "v")}
-  raise ValueError(f"unknown cache kind {kind!r}; expected one of {KINDS}")
-
-
 def init_cache(cfg: ModelConfig, batch: int, max_length: int, kind: CacheKind = "latent",
                dtype=None) -> KVCache:
   """Zeroed caches for `batch` rows of `max_length` positions (dtype defaults to cfg.dtype)."""

@@ -4,13 +4,14 @@ Batches of prompts are right-padded: row b's prompt is ids[b, :lengths[b]], its 
 sits in cache slot p, and each row decodes at its own position (cache.lengths[b]); cache slots at or
 beyond a row's length are masked. So a row gives the same tokens as the prompt alone.
 
-Layers run with `lax.scan` over (stacked layer params, stacked layer cache) as models/block.py does;
-the scan only reads the cache and returns the new tokens' entries, written in one scatter afterwards.
-The FFN (dense MLP or MoE) and norms are the model's own modules.
+Layers run through the model's own blocks and scan (`models.block.run_stack`) with the attention step
+swapped for a cached one (inference/attention.py); the scan only reads the cache and returns the new
+tokens' entries, written in one scatter afterwards.
 
 `prefill`, `decode_step` are plain traceable functions of an nnx model; `jit_prefill`,
-`jit_decode_step` and `generate` split the model and run one compiled call each, with MoE layers
-switched to dropless routing (`split_for_inference`): token dropping would couple the rows of a batch.
+`jit_decode_step` and `generate` split the model and run one compiled call each. All take an optional
+`models.Execution` and run it `for_inference()`: MoE layers route dropless whatever the training
+execution said (token dropping would couple the rows of a batch), with no remat.
 """
 
 from __future__ import annotations
@@ -27,33 +28,15 @@ from flax import nnx
 from inference import sampling
 from inference.attention import cached_attention, prefill_attention
 from inference.cache import KINDS, KVCache, init_cache
-from models.config import ModelConfig
+from models.block import run_stack
+from models.execution import Execution
 from models.mla import attention_mask
-from models.moe import MoE
 from models.rope import rope_tables
 from models.transformer import Transformer
 
 
-def _ffn(block, h_BTD):
-  """The block's second residual branch: its own norm and dense MLP or MoE (aux metrics dropped)."""
-  x_BTD = block.ffn_norm(h_BTD)
-  if isinstance(block.ffn, MoE):
-    return h_BTD + block.ffn(x_BTD)[0]
-  return h_BTD + block.ffn(x_BTD)
-
-
-def _run_stack(stack, h_BTD, attend_fn, stack_cache):
-  """Scans the stacked blocks; attend_fn(attn, x, layer_cache) → (out, entries). Returns (h, entries
-  stacked [L, B, T, ...])."""
-  graphdef, state = nnx.split(stack)
-
-  def body(h_BTD, xs):
-    layer_state, layer_cache = xs
-    block = nnx.merge(graphdef, layer_state)
-    out_BTD, entries = attend_fn(block.attn, block.attn_norm(h_BTD), layer_cache)
-    return _ffn(block, h_BTD + out_BTD), entries
-
-  return jax.lax.scan(body, h_BTD, (state, stack_cache))
+def _inference(execution: Execution | None) -> Execution:
+  return (Execution() if execution is None else execution).for_inference()
 
 
 def _stacks(model: Transformer):
@@ -67,22 +50,23 @@ def _logits_at(model: Transformer, h_BTD, index_B):
   return model.head(model.final_norm(h_B1D))[:, 0]
 
 
-def prefill(model: Transformer, ids_BT, lengths_B, cache: KVCache):
+def prefill(model: Transformer, ids_BT, lengths_B, cache: KVCache, execution: Execution | None = None):
   """Runs the (right-padded) prompts, writes their entries into cache slots [0, T) and sets
   cache.lengths = lengths_B. Returns (float32 logits [B, V] after each row's last prompt token, cache)."""
   b, t = ids_BT.shape
   if t > cache.max_length:
     raise ValueError(f"prompt length {t} exceeds the cache length {cache.max_length}")
+  execution = _inference(execution)
   kind = cache.kind
   positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   cos_BTK, sin_BTK = rope_tables(positions_BT, model.cfg)
   # Causal alone keeps real tokens off the padding after them; padded queries are never read.
   mask_B1TT = attention_mask(positions_BT, positions_BT)
-  attend_fn = lambda attn, x, _: prefill_attention(attn, x, cos_BTK, sin_BTK, mask_B1TT, kind)
+  attention = lambda attn, x, _: prefill_attention(attn, x, cos_BTK, sin_BTK, mask_B1TT, kind)
   h_BTD = model.embed_tokens(ids_BT)
   new = {}
   for name, stack in _stacks(model):
-    h_BTD, entries = _run_stack(stack, h_BTD, attend_fn, None)
+    h_BTD, _, entries = run_stack(stack, h_BTD, attention, execution)
     stack_cache = getattr(cache, name)
     new[name] = {n: jax.lax.dynamic_update_slice_in_dim(stack_cache[n], e.astype(stack_cache[n].dtype), 0, axis=2)
                  for n, e in entries.items()}
@@ -90,23 +74,24 @@ def prefill(model: Transformer, ids_BT, lengths_B, cache: KVCache):
   return _logits_at(model, h_BTD, cache.lengths - 1), cache
 
 
-def decode_step(model: Transformer, tokens_B, cache: KVCache):
+def decode_step(model: Transformer, tokens_B, cache: KVCache, execution: Execution | None = None):
   """One new token per row at position cache.lengths[b] → (float32 logits [B, V], updated cache).
 
   The caller keeps cache.lengths < cache.max_length (a write beyond the cache is dropped)."""
   b = tokens_B.shape[0]
+  execution = _inference(execution)
   kind = cache.kind
   positions_B1 = cache.lengths[:, None]
   cos_B1K, sin_B1K = rope_tables(positions_B1, model.cfg)
   cache_valid_BS = jnp.arange(cache.max_length)[None, :] < cache.lengths[:, None]
-  attend_fn = lambda attn, x, layer_cache: cached_attention(attn, x, cos_B1K, sin_B1K, layer_cache,
+  attention = lambda attn, x, layer_cache: cached_attention(attn, x, cos_B1K, sin_B1K, layer_cache,
                                                             cache_valid_BS, kind)
   h_B1D = model.embed_tokens(tokens_B[:, None])
   rows_B1 = jnp.arange(b)[:, None]
   new = {}
   for name, stack in _stacks(model):
     stack_cache = getattr(cache, name)
-    h_B1D, entries = _run_stack(stack, h_B1D, attend_fn, stack_cache)
+    h_B1D, _, entries = run_stack(stack, h_B1D, attention, execution, stack_cache=stack_cache)
     new[name] = {n: stack_cache[n].at[:, rows_B1, positions_B1].set(e.astype(stack_cache[n].dtype),
                                                                       mode="drop")
                  for n, e in entries.items()}
@@ -114,49 +99,27 @@ def decode_step(model: Transformer, tokens_B, cache: KVCache):
   return model.head(model.final_norm(h_B1D))[:, 0], cache
 
 
-@functools.lru_cache(maxsize=32)
-def _dropless_graphdef(cfg: ModelConfig):
-  abstract = nnx.eval_shape(lambda: Transformer(cfg.replace(moe_backend="dropless"), rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  return graphdef, jax.tree.structure(state)
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache",))
+def _prefill_jit(graphdef, state, ids_BT, lengths_B, cache, execution):
+  return prefill(nnx.merge(graphdef, state), ids_BT, lengths_B, cache, execution)
 
 
-def split_for_inference(model: Transformer):
-  """nnx.split, with MoE layers switched to the dropless backend.
-
-  Token-dropping ("capacity") routing makes a token's output depend on the other tokens in the batch
-  (and on prompt padding), so a row would not decode as it does alone. The parameters are the same.
-  """
-  graphdef, state = nnx.split(model)
-  if model.cfg.moe_backend == "dropless" or type(model) is not Transformer:
-    return graphdef, state
-  dropless, structure = _dropless_graphdef(model.cfg)
-  if jax.tree.structure(state) != structure:  # not a plain Transformer(cfg): leave it as it is
-    return graphdef, state
-  return dropless, state
+@functools.partial(jax.jit, static_argnames=("graphdef", "execution"), donate_argnames=("cache",))
+def _decode_step_jit(graphdef, state, tokens_B, cache, execution):
+  return decode_step(nnx.merge(graphdef, state), tokens_B, cache, execution)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _prefill_jit(graphdef, state, ids_BT, lengths_B, cache):
-  return prefill(nnx.merge(graphdef, state), ids_BT, lengths_B, cache)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _decode_step_jit(graphdef, state, tokens_B, cache):
-  return decode_step(nnx.merge(graphdef, state), tokens_B, cache)
-
-
-def jit_prefill(model: Transformer, ids_BT, lengths_B, cache: KVCache):
+def jit_prefill(model: Transformer, ids_BT, lengths_B, cache: KVCache, execution: Execution | None = None):
   """Compiled `prefill` (the cache argument is donated; MoE layers run dropless)."""
-  graphdef, state = split_for_inference(model)
+  graphdef, state = nnx.split(model)
   return _prefill_jit(graphdef, state, jnp.asarray(ids_BT, jnp.int32), jnp.asarray(lengths_B, jnp.int32),
-                      cache)
+                      cache, _inference(execution))
 
 
-def jit_decode_step(model: Transformer, tokens_B, cache: KVCache):
+def jit_decode_step(model: Transformer, tokens_B, cache: KVCache, execution: Execution | None = None):
   """Compiled `decode_step` (the cache argument is donated; MoE layers run dropless)."""
-  graphdef, state = split_for_inference(model)
-  return _decode_step_jit(graphdef, state, jnp.asarray(tokens_B, jnp.int32), cache)
+  graphdef, state = nnx.split(model)
+  return _decode_step_jit(graphdef, state, jnp.asarray(tokens_B, jnp.int32), cache, _inference(execution))
 
 
 class Generation(NamedTuple):
@@ -167,15 +130,15 @@ class Generation(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cfg", "stop_tokens", "pad_id",
-                                             "kind", "output_logits"))
+                                             "kind", "output_logits", "execution"))
 def _generate_jit(graphdef, state, ids_BT, lengths_B, key, *, max_new_tokens: int,
                   cfg: sampling.SamplingConfig, stop_tokens: tuple[int, ...], pad_id: int, kind: str,
-                  output_logits: bool):
+                  output_logits: bool, execution: Execution):
   model = nnx.merge(graphdef, state)
   b, t = ids_BT.shape
   vocab = model.cfg.vocab_size
   cache = init_cache(model.cfg, b, t + max_new_tokens, kind)
-  logits_BV, cache = prefill(model, ids_BT, lengths_B, cache)
+  logits_BV, cache = prefill(model, ids_BT, lengths_B, cache, execution)
 
   valid_BT = jnp.arange(t)[None, :] < lengths_B[:, None]
   out_BS = jnp.full((b, t + max_new_tokens), pad_id, jnp.int32).at[:, :t].set(
@@ -209,7 +172,7 @@ def _generate_jit(graphdef, state, ids_BT, lengths_B, key, *, max_new_tokens: in
 
   def body(carry):
     step, cache, token_B, *rest = carry
-    logits_BV, cache = decode_step(model, token_B, cache)
+    logits_BV, cache = decode_step(model, token_B, cache, execution)
     return (step + 1, cache) + emit(step, logits_BV, *rest)
 
   _, _, _, _, finished_B, count_B, out_BS, steps_BNV = jax.lax.while_loop(cond, body, carry)
@@ -219,7 +182,7 @@ def _generate_jit(graphdef, state, ids_BT, lengths_B, key, *, max_new_tokens: in
 def generate_full(model: Transformer, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | jax.Array = 0,
                   stop_tokens=(), pad_id: int = 0, prompt_lengths=None, cache: str = "latent",
-                  output_logits: bool = False) -> Generation:
+                  output_logits: bool = False, execution: Execution | None = None) -> Generation:
   """`generate`, also reporting how many tokens each row generated, which rows stopped and (with
   output_logits) the raw logits of every step (before penalty/temperature; zeros after a loop that
   ended early because every row stopped)."""
@@ -256,10 +219,12 @@ def generate_full(model: Transformer, input_ids, max_new_tokens: int, *, tempera
   sampling_cfg = sampling.SamplingConfig(
       temperature=float(temperature), top_k=top_k or 0, top_p=1.0 if top_p is None else float(top_p),
       repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty))
-  graphdef, state = split_for_inference(model)
+  execution = _inference(execution)
+  execution.check(cfg)
+  graphdef, state = nnx.split(model)
   return _generate_jit(graphdef, state, ids_BT.astype(jnp.int32), lengths_B, key,
                        max_new_tokens=int(max_new_tokens), cfg=sampling_cfg, stop_tokens=stop_tokens,
-                       pad_id=int(pad_id), kind=cache, output_logits=bool(output_logits))
+                       pad_id=int(pad_id), kind=cache, output_logits=bool(output_logits), execution=execution)
 
 
 def generate(model: Transformer, input_ids, max_new_tokens: int, **kwargs) -> jax.Array:
@@ -268,10 +233,11 @@ def generate(model: Transformer, input_ids, max_new_tokens: int, **kwargs) -> ja
   Keyword arguments: temperature (0 → greedy), top_k (0: off), top_p (1: off), repetition_penalty
   (1: off), seed (int or a jax.random key), stop_tokens (ids; a row that emits one is finished and
   then emits pad_id), pad_id (default 0), prompt_lengths ([B]; prompts right-padded in input_ids,
-  default all T), cache ("latent", the absorbed MLA cache, or "expanded"). Row b of the result is its
-  prompt, then its generated tokens, then pad_id (so with equal lengths: [prompt | generated]).
-  The cache holds T + max_new_tokens positions (past cfg.max_position_embeddings with a warning); MoE layers
-  route dropless whatever cfg.moe_backend says. Settings other than seed are static (a new setting
+  default all T), cache ("latent", the absorbed MLA cache, or "expanded"), execution (a
+  `models.Execution`, e.g. a run's expert-parallel one; MoE layers always route dropless). Row b of the
+  result is its prompt, then its generated tokens, then pad_id (so with equal lengths: [prompt |
+  generated]). The cache holds T + max_new_tokens positions (past cfg.max_position_embeddings with a
+  warning). Settings other than seed are static (a new setting
   compiles anew); seed and the prompts are not.
   """
   return generate_full(model, input_ids, max_new_tokens=max_new_tokens, **kwargs).tokens

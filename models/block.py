@@ -1,15 +1,31 @@
-"""The pre-norm decoder block and the scanned stack of identical blocks."""
+"""The pre-norm decoder block and the scanned stack of identical blocks, for training and decoding.
+
+The block's attention is a pluggable step, `attention(mla, x_BTD, layer_cache) → (out_BTD, entries)`:
+`self_attention(...)` for the training / eval forward (no cache), or inference/attention.py's prefill
+and cached-decode steps, which read a layer's cache and return the entries to write. The FFN branch,
+the norms and the layer scan are the same code in every case.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
+from models.execution import Execution
 from models.layers import MLP, RMSNorm
 from models.mla import MLA
 from models.moe import MoE
+
+# (mla, normed input [B, T, D], this layer's cache or None) → (attention output [B, T, D], entries).
+AttentionStep = Callable[[MLA, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def self_attention(cos_BTK, sin_BTK, mask_B1TS, impl: str = "xla") -> AttentionStep:
+  """The training forward's attention step: each position attends within `mask`; no cache."""
+  return lambda mla, x_BTD, layer_cache: (mla(x_BTD, cos_BTK, sin_BTK, mask_B1TS, impl), None)
 
 
 class DecoderBlock(nnx.Module):
@@ -22,13 +38,15 @@ class DecoderBlock(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
     self.ffn = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.dense_intermediate_size, rngs=rngs)
 
-  def __call__(self, h_BTD, cos_BTK, sin_BTK, mask_B1TS, valid_BT=None):
-    h_BTD = h_BTD + self.attn(self.attn_norm(h_BTD), cos_BTK, sin_BTK, mask_B1TS)
+  def __call__(self, h_BTD, attention: AttentionStep, execution: Execution, valid_BT=None, layer_cache=None):
+    """→ (h [B, T, D], aux: MoE metrics or {}, the attention step's cache entries or None)."""
+    out_BTD, entries = attention(self.attn, self.attn_norm(h_BTD), layer_cache)
+    h_BTD = h_BTD + out_BTD
     if isinstance(self.ffn, MoE):
-      y_BTD, aux = self.ffn(self.ffn_norm(h_BTD), valid_BT)
+      y_BTD, aux = self.ffn(self.ffn_norm(h_BTD), execution, valid_BT)
     else:
       y_BTD, aux = self.ffn(self.ffn_norm(h_BTD)), {}
-    return h_BTD + y_BTD, aux
+    return h_BTD + y_BTD, aux, entries
 
 
 def make_stack(cfg: ModelConfig, num: int, *, moe: bool, rngs: nnx.Rngs) -> DecoderBlock | None:
@@ -50,18 +68,21 @@ _REMAT_POLICIES = {
 }
 
 
-def run_stack(stack: DecoderBlock, h_BTD, cos_BTK, sin_BTK, mask_B1TS, valid_BT=None):
+def run_stack(stack: DecoderBlock, h_BTD, attention: AttentionStep, execution: Execution, valid_BT=None,
+              stack_cache=None):
   """Applies the stacked blocks in order with `lax.scan`, so compile time does not grow with depth.
 
-  Returns the final hidden state and each aux metric stacked over layers ([L, ...]).
+  stack_cache: the stack's cache with a leading [L] axis on every entry (read per layer), or None.
+  Returns (final hidden state, aux metrics stacked [L, ...], cache entries stacked [L, ...] or None).
   """
   graphdef, state = nnx.split(stack)
 
-  def body(h, layer_state):
-    block = nnx.merge(graphdef, layer_state)
-    return block(h, cos_BTK, sin_BTK, mask_B1TS, valid_BT)
+  def body(h, xs):
+    layer_state, layer_cache = xs
+    h, aux, entries = nnx.merge(graphdef, layer_state)(h, attention, execution, valid_BT, layer_cache)
+    return h, (aux, entries)
 
-  policy = stack.cfg.remat_policy
-  if policy != "none":
-    body = jax.checkpoint(body, policy=_REMAT_POLICIES[policy], prevent_cse=False)
-  return jax.lax.scan(body, h_BTD, state)
+  if execution.remat_policy != "none":
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[execution.remat_policy], prevent_cse=False)
+  h_BTD, (aux, entries) = jax.lax.scan(body, h_BTD, (state, stack_cache))
+  return h_BTD, aux, entries

@@ -46,11 +46,6 @@ class ModelConfig:
   group_score: Literal["top2_sum", "max"] = "top2_sum"  # V3 sums the top 2 per group; V2 takes the max
   norm_topk_prob: bool = True
   routed_scaling_factor: float = 1.0
-  moe_backend: Literal["dropless", "capacity"] = "dropless"
-  capacity_factor: float = 1.25  # capacity backend only: slots per expert = ceil(cf * N * k / E)
-  # Training-forward attention: "xla" (einsums, any device, exact reference) or "cudnn" (fused flash
-  # attention, GPU and bf16/fp16 only; value heads are zero-padded to the query/key head size).
-  attention_impl: Literal["xla", "cudnn"] = "xla"
   # Positions.
   max_position_embeddings: int
   rope_theta: float = 10000.0
@@ -71,9 +66,11 @@ class ModelConfig:
   init_std: float = 0.006
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32
-  remat_policy: Literal["none", "full", "dots"] = "none"
 
   def __post_init__(self):
+    for key in _DTYPE_FIELDS:  # one canonical form ("bfloat16", jnp.bfloat16 → dtype) for ==, hash, to_dict
+      object.__setattr__(self, key, jnp.dtype(getattr(self, key)))
+
     def need(ok, msg):
       if not ok:
         raise ValueError(f"ModelConfig: {msg}")
@@ -94,16 +91,10 @@ class ModelConfig:
       if self.n_group > 1 and self.group_score == "top2_sum":
         need(self.n_routed_experts // self.n_group >= 2, "top2_sum group score needs >= 2 experts per group")
     need(self.score_func in ("sigmoid", "softmax"), f"unknown score_func {self.score_func!r}")
-    need(self.moe_backend in ("dropless", "capacity"), f"unknown moe_backend {self.moe_backend!r}")
     need(self.rope_type in ("default", "yarn"), f"unsupported rope_type {self.rope_type!r}")
     if self.rope_type == "yarn":
       need(self.original_max_position_embeddings, "YaRN needs original_max_position_embeddings")
     need(self.mtp_depth in (0, 1), "only MTP depth 0 or 1 is implemented")
-    need(self.remat_policy in ("none", "full", "dots"), f"unknown remat_policy {self.remat_policy!r}")
-    need(self.attention_impl in ("xla", "cudnn"), f"unknown attention_impl {self.attention_impl!r}")
-    if self.attention_impl == "cudnn":
-      need(jnp.dtype(self.dtype) in (jnp.bfloat16, jnp.float16),
-           f"attention_impl='cudnn' needs a bfloat16 or float16 compute dtype, not {jnp.dtype(self.dtype)}")
 
   @property
   def qk_head_dim(self) -> int:
@@ -130,6 +121,13 @@ class ModelConfig:
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 
+  def to_dict(self) -> dict[str, Any]:
+    """Plain JSON-able fields, dtypes by name; `from_dict(cfg.to_dict()) == cfg`."""
+    d = dataclasses.asdict(self)
+    for key in _DTYPE_FIELDS:
+      d[key] = jnp.dtype(d[key]).name
+    return d
+
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
   """YaRN's attention temperature correction 0.1·m·ln(s) + 1 (1 when not extending)."""
@@ -138,14 +136,21 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
   return 0.1 * mscale * math.log(factor) + 1.0
 
 
+_DTYPE_FIELDS = ("dtype", "param_dtype")
+
+
 def from_dict(d: dict) -> ModelConfig:
-  """Builds a ModelConfig from a plain mapping (e.g. an ml_collections ConfigDict's `to_dict()`)."""
+  """Builds a ModelConfig from a plain mapping (`ModelConfig.to_dict()`, a config file's
+  `config.model.to_dict()`); dtypes may be names ("bfloat16") or dtypes. Unknown fields are errors."""
   d = dict(d)
-  for key in ("dtype", "param_dtype"):
-    if isinstance(d.get(key), str):
+  for key in _DTYPE_FIELDS:
+    if key in d:
       d[key] = jnp.dtype(d[key])
   names = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(d) - names)
   if unknown:
-    raise ValueError(f"unknown model config fields: {unknown}")
+    hint = ""
+    if set(unknown) & {"moe_backend", "capacity_factor", "attention_impl", "remat_policy"}:
+      hint = " (execution settings live in the config's `execution` section: models.Execution)"
+    raise ValueError(f"unknown model config fields: {unknown}{hint}")
   return ModelConfig(**d)

@@ -81,9 +81,7 @@ class MLA(nnx.Module):
                          impl: str = "xla"):
     """Multi-head attention over expanded keys → [B,T,H,Kv]. The rope key is one head shared by all
     heads: it is scored separately instead of being broadcast (the "xla" path)."""
-    if impl == "cudnn":
-      if jax.default_backend() != "gpu":
-        raise ValueError(f"attention_impl='cudnn' needs a GPU; this backend is {jax.default_backend()!r}")
+    if impl == "cudnn":  # Execution.check rejects it off GPUs before anything compiles
       return fused_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS,
                              self.cfg.softmax_scale, implementation="cudnn")
     scores_BHTS = (
@@ -91,12 +89,13 @@ class MLA(nnx.Module):
         + jnp.einsum("bthk,bsk->bhts", q_pe_BTHK, k_pe_BSK, preferred_element_type=jnp.float32))
     return attend(scores_BHTS * self.cfg.softmax_scale, mask_B1TS, v_BSHK)
 
-  def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_B1TS):
+  def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_B1TS, impl: str = "xla"):
+    """Self-attention of x over itself under mask → [B,T,D]; impl as in `expanded_attention`."""
     q_nope_BTHK, q_pe_BTHK = self.query(x_BTD, cos_BTK, sin_BTK)
     c_BSR, k_pe_BSK = self.latent(x_BTD, cos_BTK, sin_BTK)
     k_nope_BSHK, v_BSHK = self.expand(c_BSR)
     return self.output(self.expanded_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS,
-                                               impl=self.cfg.attention_impl))
+                                               impl=impl))
 
 
 def fused_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS, scale: float,

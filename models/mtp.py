@@ -10,8 +10,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from models.block import DecoderBlock
+from models.block import AttentionStep, DecoderBlock
 from models.config import ModelConfig
+from models.execution import Execution
 from models.layers import RMSNorm, matmul, param
 
 
@@ -27,9 +28,10 @@ class MTP(nnx.Module):
     self.block = DecoderBlock(cfg, moe=True, rngs=rngs)
     self.norm = RMSNorm(d, cfg, rngs=rngs)
 
-  def __call__(self, h_BTD, next_emb_BTD, cos_BTK, sin_BTK, mask_B1TS, valid_BT=None):
-    """h: main hidden at positions i; next_emb: Emb(token i+1). Returns normed hidden and aux."""
+  def __call__(self, h_BTD, next_emb_BTD, attention: AttentionStep, execution: Execution, valid_BT=None):
+    """h: main hidden at positions i; next_emb: Emb(token i+1); attention: the step over the shifted
+    positions (models.block.self_attention). Returns normed hidden and aux."""
     x_BTX = jnp.concatenate([self.enorm(next_emb_BTD), self.hnorm(h_BTD)], axis=-1)
     x_BTD = matmul(x_BTX, self.eh_proj[...], self.cfg, "btx,xd->btd")
-    y_BTD, aux = self.block(x_BTD, cos_BTK, sin_BTK, mask_B1TS, valid_BT)
+    y_BTD, aux, _ = self.block(x_BTD, attention, execution, valid_BT)
     return self.norm(y_BTD), aux

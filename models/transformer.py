@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.block import make_stack, run_stack
+from models.block import make_stack, run_stack, self_attention
 from models.config import ModelConfig
+from models.execution import Execution
 from models.layers import RMSNorm, matmul, param
 from models.mla import attention_mask
 from models.mtp import MTP
@@ -23,6 +24,16 @@ class ModelOutput(NamedTuple):
   aux: dict[str, Any]  # per-MoE-layer metrics stacked on a leading [L] axis
   mtp_logits: jax.Array | None = None  # float32 [B, T-1, V]: row i predicts token i+2
   mtp_aux: dict[str, Any] | None = None
+
+  def expert_loads(self) -> dict[str, jax.Array]:
+    """Routed-token counts per MoE stack, keyed by the module that owns its router: {"moe_layers":
+    [L, E], "mtp": [E]} (the ones this forward ran)."""
+    loads = {}
+    if "expert_load" in self.aux:
+      loads["moe_layers"] = self.aux["expert_load"]
+    if self.mtp_aux is not None and "expert_load" in self.mtp_aux:
+      loads["mtp"] = self.mtp_aux["expert_load"]
+    return loads
 
 
 class Transformer(nnx.Module):
@@ -50,10 +61,13 @@ class Transformer(nnx.Module):
   def head(self, h_BTD):
     return matmul(h_BTD, self.lm_head[...], self.cfg, "btd,dv->btv", out_dtype=jnp.float32)
 
-  def forward(self, input_ids, positions=None, segment_ids=None, *, with_mtp: bool = False) -> ModelOutput:
+  def forward(self, input_ids, positions=None, segment_ids=None, *, with_mtp: bool = False,
+              execution: Execution | None = None) -> ModelOutput:
     """Full forward pass. positions default to 0..T-1; segment_ids (packed documents) keep attention
-    within a document. with_mtp also runs the MTP module."""
+    within a document. with_mtp also runs the MTP module. execution: how to run it (MoE backend,
+    attention kernel, remat, expert parallelism); default `Execution()`, the exact reference path."""
     cfg = self.cfg
+    execution = Execution() if execution is None else execution
     ids_BT = jnp.asarray(input_ids)
     if ids_BT.ndim != 2:
       raise ValueError(f"input_ids must be [batch, length], got shape {ids_BT.shape}")
@@ -64,12 +78,13 @@ class Transformer(nnx.Module):
     cos_BTK, sin_BTK = rope_tables(positions, cfg)
     mask_B1TS = attention_mask(positions, positions, segment_ids, segment_ids)
 
+    attention = self_attention(cos_BTK, sin_BTK, mask_B1TS, execution.attention_impl)
     h_BTD = self.embed_tokens(ids_BT)
     aux = {}
     if self.dense_layers is not None:
-      h_BTD, _ = run_stack(self.dense_layers, h_BTD, cos_BTK, sin_BTK, mask_B1TS, valid_BT)
+      h_BTD, _, _ = run_stack(self.dense_layers, h_BTD, attention, execution, valid_BT)
     if self.moe_layers is not None:
-      h_BTD, aux = run_stack(self.moe_layers, h_BTD, cos_BTK, sin_BTK, mask_B1TS, valid_BT)
+      h_BTD, aux, _ = run_stack(self.moe_layers, h_BTD, attention, execution, valid_BT)
     h_BTD = self.final_norm(h_BTD)
     logits_BTV = self.head(h_BTD)
 
@@ -83,6 +98,7 @@ class Transformer(nnx.Module):
     mtp_positions = positions[:, 1:]
     cos2, sin2 = cos_BTK[:, 1:], sin_BTK[:, 1:]
     mask2 = attention_mask(mtp_positions, mtp_positions, mtp_segments, mtp_segments)
-    mtp_h, mtp_aux = self.mtp(h_BTD[:, :-1], self.embed_tokens(ids_BT[:, 1:]), cos2, sin2, mask2,
+    mtp_attention = self_attention(cos2, sin2, mask2, execution.attention_impl)
+    mtp_h, mtp_aux = self.mtp(h_BTD[:, :-1], self.embed_tokens(ids_BT[:, 1:]), mtp_attention, execution,
                               shift(valid_BT))
     return ModelOutput(logits_BTV, h_BTD, aux, self.head(mtp_h), mtp_aux)

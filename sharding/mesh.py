@@ -11,8 +11,8 @@ Axis types are `AxisType.Auto` (not jax.make_mesh's default Explicit): parameter
 NamedShardings from sharding/rules.py, `jax.jit` in/out shardings pin the boundaries and GSPMD
 propagates everything in between, as in MaxText. Explicit mode would make every einsum whose operands
 disagree on a sharding an error unless the model annotated its outputs, and the models only name
-logical axes. The expert-parallel MoE (sharding/expert_parallel.py) is a `jax.shard_map` island inside
-that Auto region.
+logical axes. The expert-parallel MoE (models/moe_parallel.py, chosen by the run's `models.Execution`)
+is a `jax.shard_map` island inside that Auto region.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh
+
+from sharding.rules import batch_axes, batch_shards
 
 AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -66,12 +68,13 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
                        devices=devices)
 
 
-def validate(model_cfg, mesh: Mesh | jax.sharding.AbstractMesh, *, batch_size: int | None = None) -> None:
+def validate(model_cfg, mesh: Mesh | jax.sharding.AbstractMesh, *, batch_size: int | None = None,
+             rules: Any = None) -> None:
   """Raises ValueError when the model (a models.ModelConfig) cannot run on `mesh` as the rules shard it.
 
   Dimensions that merely do not divide fall back to replication (see rules.py); these cases cannot:
   attention heads over `tensor`, routed experts over `expert` (expert parallelism gives each shard
-  whole experts), and, when given, the global batch over the batch axes data × fsdp × expert.
+  whole experts), and, when given, the global batch over the batch axes (`rules.batch_shards`).
   """
   missing = [a for a in AXES if a not in mesh.axis_names]
   if missing:
@@ -85,10 +88,10 @@ def validate(model_cfg, mesh: Mesh | jax.sharding.AbstractMesh, *, batch_size: i
   if has_moe and model_cfg.n_routed_experts % sizes["expert"]:
     problems.append(f"n_routed_experts {model_cfg.n_routed_experts} is not divisible by the expert axis "
                     f"({sizes['expert']})")
-  batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-  if batch_size is not None and batch_size % batch_shards:
-    problems.append(f"global batch size {batch_size} is not divisible by data×fsdp×expert = "
-                    f"{sizes['data']}×{sizes['fsdp']}×{sizes['expert']} = {batch_shards}")
+  shards = batch_shards(mesh, rules)
+  if batch_size is not None and batch_size % shards:
+    axes = "×".join(batch_axes(rules))
+    problems.append(f"global batch size {batch_size} is not divisible by the batch shards {axes} = {shards}")
   if problems:
     raise ValueError(f"model does not fit mesh {sizes}: " + "; ".join(problems))
 

@@ -7,7 +7,6 @@ Models name the axes of every parameter (`out_sharding` metadata, e.g. ("layers"
   batch        ("data", "fsdp", "expert")  every non-tensor axis splits tokens (expert too: EP is
                                            data-parallel outside the MoE dispatch)
   length       None                        no sequence parallelism
-  activation_embed None                    model dim of activations ("embed" itself means fsdp)
   vocab        "tensor"                    embedding rows / head columns split like heads
   embed        "fsdp"                      the ZeRO-3 axis: every weight matrix has a D dim
   heads        "tensor"                    Megatron attention
@@ -36,6 +35,8 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import models
+
 log = logging.getLogger(__name__)
 
 MeshAxes = str | tuple[str, ...] | None
@@ -44,7 +45,6 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     # Activations.
     "batch": ("data", "fsdp", "expert"),
     "length": None,
-    "activation_embed": None,
     # Parameters.
     "vocab": "tensor",
     "embed": "fsdp",
@@ -133,13 +133,33 @@ def batch_sharding(mesh, rules: Any = None, *, shape: Sequence[int] | None = Non
   return named_sharding(mesh, ("batch", "length"), rules, shape=shape)
 
 
-def constrain(x, names: Sequence[str | None], rules: Any = None):
-  """`with_sharding_constraint` of x to its logical names on the ambient mesh (`jax.set_mesh`);
-  x unchanged when there is none. For activations GSPMD would otherwise place badly."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
-    return x  # no mesh, or inside a shard_map
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, shape=x.shape, mesh=mesh))
+def batch_axes(rules: Any = None) -> tuple[str, ...]:
+  """The mesh axes the "batch" rule splits sequences over (default data, fsdp, expert)."""
+  axes = make_rules(rules)["batch"]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_shards(mesh, rules: Any = None) -> int:
+  """How many ways a global batch is split: the product of the batch axes' sizes. `mesh` is a Mesh,
+  an AbstractMesh or a {axis: size} mapping. A batch must be a multiple of this."""
+  sizes = dict(mesh) if isinstance(mesh, Mapping) else dict(mesh.shape)
+  return math.prod(sizes[a] for a in batch_axes(rules))
+
+
+def make_execution(execution_cfg: Any, mesh, rules: Any = None) -> "models.Execution":
+  """A run's `models.Execution`: the config's `execution` section (mapping or ConfigDict; None = the
+  defaults), with expert-parallel dispatch over `mesh` when the rules put experts on a mesh axis of
+  size > 1. That axis must also split the batch; the FFN axis is where the rules put `moe_mlp`."""
+  execution = models.execution_from_dict(execution_cfg or {})
+  table = make_rules(rules)
+  expert_axis, ffn_axis = table["expert"], table["moe_mlp"]
+  sizes = dict(mesh.shape)
+  if not isinstance(expert_axis, str) or sizes.get(expert_axis, 1) == 1:
+    return execution
+  if not (ffn_axis is None or isinstance(ffn_axis, str)):
+    raise ValueError(f"expert parallelism needs 'moe_mlp' on at most one mesh axis, got {ffn_axis!r}")
+  ep = models.ExpertParallel(mesh=mesh, expert_axis=expert_axis, batch_axes=batch_axes(rules), ffn_axis=ffn_axis)
+  return execution.replace(expert_parallel=ep)
 
 
 def state_shardings(abstract_state: Any, mesh, rules: Any = None) -> Any:

@@ -13,8 +13,9 @@ N(0, 1/fan_in), norms 1 + 0.2*N, routers have std 2/sqrt(hidden) and the V3 bias
 (deterministically) until every top-k / top-group choice has a score gap > MIN_MARGIN, so float32 noise in our
 reimplementation can never flip a routing decision, and every routed expert is used.
 
-Run from the repo root with the torch venv (the project venv has no torch):
-    /work/venv311/bin/python -m tools.make_hf_fixtures --out tests/fixtures/hf
+Run from the repo root with a Python 3.11 virtualenv with torch 2.13 (CPU), transformers, safetensors
+and numpy (the project venv has no torch):
+    python -m tools.make_hf_fixtures --out tests/fixtures/hf
 The script is deterministic: rerunning it reproduces byte-identical files.
 """
 

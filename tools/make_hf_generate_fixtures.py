@@ -19,8 +19,9 @@ step has a top1-top2 logit margin > MIN_TOKEN_MARGIN and every routing decision 
 generating (prefill and each cached decode step, seen by hooks on the routers) has a gap >
 MIN_ROUTING_MARGIN, so float32 differences in a reimplementation cannot flip a token.
 
-Run from the repo root with the torch venv (after tools/make_hf_fixtures.py):
-    /work/venv311/bin/python -m tools.make_hf_generate_fixtures --out tests/fixtures/hf
+Run from the repo root (after tools/make_hf_fixtures.py) with a Python 3.11 virtualenv with torch 2.13
+(CPU), transformers, safetensors and numpy:
+    python -m tools.make_hf_generate_fixtures --out tests/fixtures/hf
 The script is deterministic: rerunning it reproduces byte-identical files.
 """
 

@@ -20,6 +20,7 @@ import models
 from data import pipeline, sources
 from models import counting
 from training import checkpoint as ckpt_lib
+from training import eval as eval_lib
 from training import metrics as metrics_lib
 from training import optimizer as optim_lib
 from training import step as step_lib
@@ -33,10 +34,6 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-def _global_batch(local: dict, batch_sharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
-
-
 def train_state_shardings(abstract_state: TrainState, modeldef: ModelDef, mesh, rules=None) -> TrainState:
   """NamedShardings for every TrainState leaf: parameters by their logical axes, Adam moments like
   their parameters, scalars replicated."""
@@ -46,31 +43,11 @@ def train_state_shardings(abstract_state: TrainState, modeldef: ModelDef, mesh, 
                     opt_state=sharding.tree_shardings_like(params, abstract_state.opt_state, mesh))
 
 
-def evaluate(eval_step, state, config, batch_sharding, tokenizer) -> dict:
-  """Loss, perplexity and bits-per-byte over the first `eval_batches` validation batches."""
-  it = pipeline.make_iterator(config.data, split="validation", seq_len=config.seq_len,
-                              global_batch_size=config.batch_size, process_index=jax.process_index(),
-                              process_count=jax.process_count(), seed=config.seed, num_epochs=1)
-  totals = None
-  for i, local in enumerate(it):
-    if config.eval_batches and i >= config.eval_batches:
-      break
-    sums = eval_step(state, _global_batch(local, batch_sharding))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None:
-    raise ValueError("the validation split produced no batches")
-  totals = jax.tree.map(float, jax.device_get(totals))
-  loss = totals["nll_sum"] / max(totals["count"], 1.0)
-  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
-          "eval/bits_per_byte": totals["nll_sum"] / max(totals["bytes"], 1.0) / math.log(2),
-          "eval/tokens": totals["count"]}
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the last metrics."""
   jax.config.update("jax_threefry_partitionable", True)
   model_cfg = models.from_dict(config.model.to_dict())
-  mesh = validate_run(config, model_cfg, workdir)
+  mesh, execution = validate_run(config, model_cfg, workdir)
   tokenizer = pipeline.make_tokenizer(config.data)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer vocabulary {tokenizer.vocab_size} exceeds model vocab_size {model_cfg.vocab_size}")
@@ -80,9 +57,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tx = optim_lib.make_optimizer(config.optim, config.total_steps)
   init_fn = lambda: init_state(model_cfg, tx, config.seed)[1]
   abstract_state = jax.eval_shape(init_fn)
-  modeldef = ModelDef.of(nnx.eval_shape(lambda: models.Transformer(model_cfg, rngs=nnx.Rngs(0))))
-  state_shardings = train_state_shardings(abstract_state, modeldef, mesh, config.get("sharding_rules"))
-  batch_sharding = sharding.batch_sharding(mesh)
+  modeldef = ModelDef.abstract(model_cfg)
+  rules = config.get("sharding_rules")
+  state_shardings = train_state_shardings(abstract_state, modeldef, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
 
   if jax.process_count() > 1:  # first use builds the dataset: one process builds, the others wait
     if jax.process_index() == 0:
@@ -102,23 +80,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
       logging.info("initialised a fresh model in %s", workdir)
     else:
       logging.info("resumed from the checkpoint at step %d in %s", start, workdir)
-    train_step = jax.jit(step_lib.make_train_step(modeldef, tx, schedule, config),
+    train_step = jax.jit(step_lib.make_train_step(modeldef, tx, schedule, config, execution),
                          in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
-    eval_step = jax.jit(step_lib.make_eval_step(modeldef, tokenizer.token_byte_lengths()),
+    eval_step = jax.jit(eval_lib.make_eval_step(modeldef, tokenizer.token_byte_lengths(), execution),
                         in_shardings=(state_shardings, batch_sharding))
-    return _loop(config, workdir, flops_per_token, state, start, train_iter, train_step, eval_step, checkpointer,
-                 batch_sharding, tokenizer, is_main)
+    return _loop(config, model_cfg, workdir, flops_per_token, state, start, train_iter, train_step, eval_step,
+                 checkpointer, batch_sharding, is_main)
 
 
-def _loop(config, workdir, flops_per_token, state, start, train_iter, train_step, eval_step, checkpointer,
-          batch_sharding, tokenizer, is_main) -> dict:
+def _write_run_config(config, model_cfg: models.ModelConfig, workdir: str) -> None:
+  """WORKDIR/config.json, which eval.py and notebooks rebuild the run from; the model section is
+  `ModelConfig.to_dict()` (dtypes by name) so it reads back exactly."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model = model_cfg.to_dict()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+
+
+def _loop(config, model_cfg, workdir, flops_per_token, state, start, train_iter, train_step, eval_step,
+          checkpointer, batch_sharding, is_main) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   if start == 0:
     writer.write_hparams(config)
-  if is_main:  # eval.py and notebooks rebuild the run from this
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+  if is_main:
+    _write_run_config(config, model_cfg, workdir)
   device = jax.devices()[0]
   progress = metrics_lib.Progress(
       config.total_steps, start, flops_per_token,
@@ -139,7 +126,7 @@ def _loop(config, workdir, flops_per_token, state, start, train_iter, train_step
 
   try:
     for step in range(start + 1, config.total_steps + 1):
-      batch = _global_batch(next(train_iter), batch_sharding)
+      batch = eval_lib.global_batch(next(train_iter), batch_sharding)
       state, step_metrics = train_step(state, batch)
       if pending is not None:
         check(*pending)
@@ -152,7 +139,7 @@ def _loop(config, workdir, flops_per_token, state, start, train_iter, train_step
           logging.info(progress.line(step, scalars))
           print(progress.line(step, scalars), flush=True)
       if (config.eval_every and step % config.eval_every == 0) or step == config.total_steps:
-        eval_scalars = evaluate(eval_step, state, config, batch_sharding, tokenizer)
+        eval_scalars, _ = eval_lib.evaluate(eval_step, state, config, batch_sharding)
         scalars.update(writer.write(step, eval_scalars))
         if is_main:
           print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_scalars.items()), flush=True)

@@ -53,13 +53,13 @@ def plan_memory(config, model_cfg: models.ModelConfig, mesh_sizes: dict[str, int
     spec = sharding.logical_to_spec(var.get_metadata()["out_sharding"], rules, shape=value.shape, mesh=mesh)
     param_bytes += math.prod(value.shape) * value.dtype.itemsize / _shard_factor(spec, mesh_sizes)
 
-  batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes["expert"]
-  tokens = config.batch_size // config.grad_accum_steps * config.seq_len / batch_shards
-  act = _activation_bytes(model_cfg, tokens, config.seq_len, mesh_sizes["tensor"])
+  tokens = config.batch_size // config.grad_accum_steps * config.seq_len / sharding.batch_shards(mesh_sizes, rules)
+  remat = models.execution_from_dict(config.get("execution") or {}).remat_policy
+  act = _activation_bytes(model_cfg, tokens, config.seq_len, mesh_sizes["tensor"], remat)
   return MemoryPlan(params=param_bytes, grads=param_bytes, optimizer=2 * param_bytes, activations=act)
 
 
-def _activation_bytes(cfg: models.ModelConfig, tokens: float, seq_len: int, tensor: int) -> float:
+def _activation_bytes(cfg: models.ModelConfig, tokens: float, seq_len: int, tensor: int, remat_policy: str) -> float:
   """What the backward pass keeps for one microbatch on one device (an estimate)."""
   b = jax.numpy.dtype(cfg.dtype).itemsize
   d, h = cfg.hidden_size, cfg.num_heads / tensor
@@ -72,10 +72,10 @@ def _activation_bytes(cfg: models.ModelConfig, tokens: float, seq_len: int, tens
   layer_in = tokens * b * d
   per_layer = {"dense": attn + dense_ffn, "moe": attn + moe_ffn}
   n_dense, n_moe = cfg.first_k_dense, cfg.num_moe_layers + cfg.mtp_depth
-  if cfg.remat_policy == "none":
+  if remat_policy == "none":
     kept = n_dense * per_layer["dense"] + n_moe * per_layer["moe"]
   else:  # layer inputs (plus matmul outputs for "dots") and one layer recomputed at a time
-    dots = 0.5 if cfg.remat_policy == "dots" else 0.0
+    dots = 0.5 if remat_policy == "dots" else 0.0
     kept = (n_dense + n_moe) * layer_in + dots * (n_dense * per_layer["dense"] + n_moe * per_layer["moe"])
     kept += max(per_layer.values())
   logits = tokens * (1 + cfg.mtp_depth) * cfg.vocab_size / tensor * 4 * 2  # float32 logits and their grad
@@ -97,4 +97,4 @@ def check_fits(plan: MemoryPlan, limit: float | None) -> None:
         f"this plan needs ~{plan.total / GiB:.1f} GiB per device (params {plan.params / GiB:.1f}, grads "
         f"{plan.grads / GiB:.1f}, Adam {plan.optimizer / GiB:.1f}, activations ~{plan.activations / GiB:.1f}) "
         f"but a device has {limit / GiB:.1f} GiB: use more fsdp/expert/tensor sharding, a smaller batch, "
-        f"grad_accum_steps or model.remat_policy=full")
+        f"grad_accum_steps or execution.remat_policy=full")

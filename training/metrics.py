@@ -25,23 +25,47 @@ def peak_flops(device_kind: str, override: float = 0.0) -> float | None:
   return None
 
 
+def expert_load_stats(counts) -> list[dict]:
+  """Per MoE layer of routed-token counts [L, E] (or one layer's [E]): the fraction of routed tokens
+  each expert got (sums to 1), the max/min load relative to a perfectly balanced one (1.0 = balanced;
+  E·fraction), and the routing entropy normalised by log E (1.0 = uniform)."""
+  rows = np.asarray(counts, np.float64).reshape(-1, np.shape(counts)[-1])
+  layers = []
+  for i, row in enumerate(rows):
+    e = row.shape[-1]
+    frac = row / max(row.sum(), 1.0)
+    p = frac[frac > 0]
+    layers.append({
+        "layer": i,
+        "tokens": float(row.sum()),
+        "fractions": frac.tolist(),
+        "load_max": float(frac.max() * e),
+        "load_min": float(frac.min() * e),
+        "routing_entropy": float(-(p * np.log(p)).sum() / math.log(e)) if e > 1 else 1.0,
+    })
+  return layers
+
+
+def load_scalars(prefix: str, counts) -> dict[str, float]:
+  """`<prefix>/layer<i>/{load_max,load_min,routing_entropy}` for stacked [L, E] counts, or
+  `<prefix>/{...}` for a single layer's [E] (the MTP block)."""
+  stacked = np.ndim(counts) > 1
+  out = {}
+  for layer in expert_load_stats(counts):
+    name = f"{prefix}/layer{layer['layer']}" if stacked else prefix
+    for key in ("load_max", "load_min", "routing_entropy"):
+      out[f"{name}/{key}"] = layer[key]
+  return out
+
+
 def _scalars(metrics: dict) -> dict:
-  """Scalars pass through; per-layer expert loads [L, E] become per-layer max/min/entropy scalars."""
+  """Scalars pass through; `<prefix>/expert_load` counts become per-layer load scalars under <prefix>."""
   out = {}
   for key, value in metrics.items():
-    arr = np.asarray(value, np.float64)
-    if arr.ndim == 0:
-      out[key] = float(arr)
-      continue
-    rows = arr.reshape(-1, arr.shape[-1])
-    prefix = key.removesuffix("_load_fraction")
-    for i, frac in enumerate(rows):
-      e = frac.shape[-1]
-      name = f"{prefix}/layer{i}" if rows.shape[0] > 1 or arr.ndim > 1 else prefix
-      p = frac[frac > 0]
-      out[f"{name}/load_max"] = float(frac.max() * e)  # relative to a perfectly balanced load (1.0)
-      out[f"{name}/load_min"] = float(frac.min() * e)
-      out[f"{name}/routing_entropy"] = float(-(p * np.log(p)).sum() / math.log(e)) if e > 1 else 1.0
+    if key.endswith("/expert_load"):
+      out.update(load_scalars(key.removesuffix("/expert_load"), value))
+    else:
+      out[key] = float(np.asarray(value))
   return out
 
 

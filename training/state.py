@@ -29,6 +29,7 @@ class TrainState(flax.struct.PyTreeNode):
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
   """Static structure to rebuild a Transformer from pure parameter dicts inside jit."""
+  cfg: models.ModelConfig
   graphdef: Any
   params_template: nnx.State
   bias_template: nnx.State
@@ -37,7 +38,12 @@ class ModelDef:
   @classmethod
   def of(cls, model: models.Transformer) -> "ModelDef":
     graphdef, params, bias, rest = nnx.split(model, nnx.Param, RouterBias, ...)
-    return cls(graphdef, params, bias, rest)
+    return cls(model.cfg, graphdef, params, bias, rest)
+
+  @classmethod
+  def abstract(cls, cfg: models.ModelConfig) -> "ModelDef":
+    """From an abstract init of `Transformer(cfg)` (nothing is allocated)."""
+    return cls.of(nnx.eval_shape(lambda: models.Transformer(cfg, rngs=nnx.Rngs(0))))
 
   def merge(self, params: dict, router_bias: dict) -> models.Transformer:
     p, b = jax.tree.map(lambda x: x, self.params_template), jax.tree.map(lambda x: x, self.bias_template)

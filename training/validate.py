@@ -12,8 +12,9 @@ import sharding
 from training import memory
 
 
-def validate_run(config, model_cfg: models.ModelConfig, workdir: str):
-  """Returns the mesh. Raises ValueError naming the problem for an invalid run."""
+def validate_run(config, model_cfg: models.ModelConfig, workdir: str) -> tuple[jax.sharding.Mesh, models.Execution]:
+  """Returns the mesh and the run's execution on it. Raises ValueError naming the problem for an
+  invalid run."""
   if config.seq_len > model_cfg.max_position_embeddings:
     raise ValueError(f"seq_len {config.seq_len} exceeds the model's max_position_embeddings "
                      f"{model_cfg.max_position_embeddings}")
@@ -30,15 +31,18 @@ def validate_run(config, model_cfg: models.ModelConfig, workdir: str):
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {jax.process_count()} processes")
   mesh = sharding.make_mesh(config.mesh)
-  sharding.validate(model_cfg, mesh)
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+  rules = config.get("sharding_rules")
+  sharding.validate(model_cfg, mesh, rules=rules)
+  execution = sharding.make_execution(config.get("execution"), mesh, rules)
+  execution.check(model_cfg, platform=mesh.devices.flat[0].platform)
+  batch_shards = sharding.batch_shards(mesh, rules)
   micro = config.batch_size // config.grad_accum_steps
   if micro % batch_shards:
     raise ValueError(f"the microbatch of {micro} sequences does not split over the {batch_shards} batch "
-                     f"shards (data x fsdp x expert) of the mesh {dict(mesh.shape)}")
+                     f"shards ({' x '.join(sharding.batch_axes(rules))}) of the mesh {dict(mesh.shape)}")
   _check_workdir(workdir)
   memory.check_fits(memory.plan_memory(config, model_cfg, dict(mesh.shape)), memory.device_memory_bytes())
-  return mesh
+  return mesh, execution
 
 
 def _check_workdir(workdir: str):

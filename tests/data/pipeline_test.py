@@ -5,6 +5,7 @@ import json
 import os
 import tempfile
 
+from absl import flags
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
@@ -200,6 +201,9 @@ class PipelineTest(parameterized.TestCase):
     _assert_batches_equal(self, _take(restored["data"], 4), expected)
 
   def test_worker_processes_resume(self):
+    if not flags.FLAGS.is_parsed():  # as an absl entry point (train.py) has them; see ErrorsTest
+      self.addCleanup(flags.FLAGS.unparse_flags)
+      flags.FLAGS.mark_as_parsed()
     cfg = datatest_util.text_files_config(worker_count=1)
     it = self._iter(cfg)
     try:
@@ -238,6 +242,13 @@ class ErrorsTest(absltest.TestCase):
     self._raises("Unknown tokenizer", _with(cfg, tokenizer="wordpiece"))
     self._raises("tokenizer.json not found", _with(cfg, tokenizer="hf", tokenizer_path=""))
     self.assertEmpty(os.listdir(data_dir))  # nothing was built
+
+  def test_worker_processes_need_parsed_flags(self):
+    if flags.FLAGS.is_parsed():
+      self.skipTest("absl flags are parsed in this process (absltest.main)")
+    cfg = _with(config_lib.default_data_config(), data_dir=self._tmp(), worker_count=2)
+    self._raises("worker_count > 0 needs absl flags parsed", cfg)
+    self.assertEmpty(os.listdir(cfg.data_dir))  # a cheap error: nothing was built
 
   def test_text_files_glob(self):
     cfg = datatest_util.text_files_config(text_files="")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import evaltest_util as util
+from data import arithmetic
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,12 @@ def test_arithmetic_task_result(eval_run):
   stdout, results = eval_run
   task = results["tasks"]["arithmetic"]
   assert task["num_examples"] == 6 and len(task["examples"]) == 6
-  assert 0.0 <= task["accuracy"] <= 1.0
-  assert task["accuracy"] == pytest.approx(np.mean([e["score"] for e in task["examples"]]))
-  assert "task arithmetic: accuracy" in stdout
+  for e in task["examples"]:  # the stored answers and scores are the reference's for each completion
+    assert e["answer"] == str(arithmetic.answer(e["problem"])), e
+    assert e["score"] == arithmetic.score(e["problem"], e["completion"]), e
+  correct = sum(arithmetic.score(e["problem"], e["completion"]) for e in task["examples"])
+  assert task["accuracy"] == pytest.approx(correct / 6)
+  assert f"task arithmetic: accuracy {correct / 6:.3f} over 6 examples" in stdout
 
 
 def _samples(workdir, seed):
@@ -97,4 +101,28 @@ def test_restore_and_expert_load_stats_in_process(workdir):
   assert lopsided["load_max"] == 4.0 and lopsided["load_min"] == 0.0 and lopsided["routing_entropy"] == 0.0
   assert balanced["load_max"] == balanced["load_min"] == 1.0
   assert math.isclose(balanced["routing_entropy"], 1.0)
-  assert metrics.flat_scalars(stats)["moe/moe_layers/layer1/load_max"] == 1.0
+  assert metrics.flat_scalars({"moe_layers": np.array([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]),
+                               "mtp": np.array([1.0, 3.0])}) == {
+      "moe/moe_layers/layer0/load_max": 4.0, "moe/moe_layers/layer0/load_min": 0.0,
+      "moe/moe_layers/layer0/routing_entropy": 0.0, "moe/moe_layers/layer1/load_max": 1.0,
+      "moe/moe_layers/layer1/load_min": 1.0, "moe/moe_layers/layer1/routing_entropy": 1.0,
+      "moe/mtp/load_max": 1.5, "moe/mtp/load_min": 0.5, "moe/mtp/routing_entropy": pytest.approx(0.8112781)}
+
+
+def test_workdir_written_before_the_execution_section_restores(workdir, tmp_path):
+  """A committed config.json of the old layout (moe_backend & co. inside `model`) beside this run's
+  checkpoints: it reads as the same model and execution, and restores the same weights."""
+  from evaluation import restore
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "checkpoints").symlink_to(workdir / "checkpoints")
+  fixture = util.REPO / "tests" / "fixtures" / "old_workdir" / "config.json"
+  (old / "config.json").write_text(fixture.read_text())
+  assert "moe_backend" in json.loads(fixture.read_text())["model"]
+  config, model, step = restore.load_workdir(str(old))
+  assert dict(config.execution) == {"moe_backend": "capacity", "capacity_factor": 1.25, "remat_policy": "none",
+                                    "attention_impl": "xla"}
+  new_config, new_model, new_step = restore.load_workdir(str(workdir))
+  assert model.cfg == new_model.cfg and step == new_step == 6
+  assert new_config.execution.to_dict() == config.execution.to_dict()
+  np.testing.assert_array_equal(np.asarray(model.embed[...]), np.asarray(new_model.embed[...]))

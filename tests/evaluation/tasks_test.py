@@ -45,6 +45,28 @@ def test_arithmetic_task_scores_greedy_completions(model):
   assert [e["score"] for e in scored["examples"]] == [1.0, 1.0, 0.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("oracle, accuracy", [
+    (lambda p: p["answer"], 1.0),
+    (lambda p: str(int(p["answer"]) + 1), 0.0),
+    (lambda p: p["answer"] if "*" in p["problem"] else "no", 0.4),
+])
+def test_arithmetic_task_scores_each_problem_by_its_own_completion(monkeypatch, oracle, accuracy):
+  # 5 problems in batches of 2: the last batch is padded, and a completion taken from the padding or
+  # from another row would be scored against the wrong problem.
+  answers = {p["problem"]: oracle(p) for p in PROBLEMS}
+  calls = []
+
+  def complete(model, tokenizer, prompts, **kwargs):
+    calls.append(list(prompts))
+    return [answers[p] for p in prompts]
+
+  monkeypatch.setattr(sample, "complete", complete)
+  result = tasks.arithmetic(None, tokenizers.ByteTokenizer(), problems=PROBLEMS, batch_size=2)
+  assert [len(c) for c in calls] == [2, 2, 2]
+  assert result["accuracy"] == pytest.approx(accuracy)
+  assert [e["completion"] for e in result["examples"]] == [answers[p["problem"]] for p in PROBLEMS]
+
+
 def test_sampling_is_seeded(model):
   tok = tokenizers.ByteTokenizer()
   kwargs = dict(num_samples=3, max_new_tokens=12, temperature=1.0, top_p=0.95)

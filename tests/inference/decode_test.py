@@ -7,6 +7,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import inference
+import models
 from models.rope import rope_tables
 from tests.inference import tiny_models
 
@@ -66,13 +67,14 @@ class CachedDecodeTest(parameterized.TestCase):
     np.testing.assert_allclose(expanded_logits, logits, atol=TOL, rtol=0)
 
   def test_different_prompt_lengths_match_each_prompt_alone(self):
-    # A token-dropping MoE config: generation must switch it to dropless routing, or a row's tokens
-    # would depend on the rest of the batch (they do here with capacity_factor 1).
-    cfg = tiny_models.v3_style(moe_backend="capacity", capacity_factor=1.0)
+    # A token-dropping training execution: generation must switch it to dropless routing, or a row's
+    # tokens would depend on the rest of the batch (they do here with capacity_factor 1).
+    cfg = tiny_models.v3_style()
     model = tiny_models.build(cfg, seed=2)
+    dropping = models.Execution(moe_backend="capacity", capacity_factor=1.0)
     lengths = [3, 7]
     ids_BT = tiny_models.prompts(cfg, 2, 7, seed=3)  # junk (not pad) after the short prompt
-    batch = inference.generate_full(model, ids_BT, N, prompt_lengths=lengths, pad_id=-1)
+    batch = inference.generate_full(model, ids_BT, N, prompt_lengths=lengths, pad_id=-1, execution=dropping)
     out = np.asarray(batch.tokens)
     chex.assert_shape(out, (2, 7 + N))
     np.testing.assert_array_equal(np.asarray(batch.num_generated), [N] * 2)

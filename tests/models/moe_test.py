@@ -10,9 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.moe import MoE, permute_rows
+from models.execution import Execution
+from models.experts import expert_capacity, permute_rows
+from models.moe import MoE
 from models.router import Router, Routing, expert_load, sequence_balance_loss
 from tests.models import tiny_configs as tc
+
+DROPLESS = Execution()
 
 B, T = 2, 12
 STYLE_PARAMS = [dict(testcase_name=name, style=name) for name in tc.STYLES]
@@ -111,6 +115,18 @@ def _fcfs_kept(experts_Nk, capacity):
 def _moe(style, **overrides):
   cfg = tc.STYLES[style](**overrides)
   return tc.materialize(lambda: MoE(cfg, rngs=nnx.Rngs(0)), cfg, seed=3)
+
+
+def _capacity(capacity_factor):
+  return Execution(moe_backend="capacity", capacity_factor=capacity_factor)
+
+
+def _experts(moe, x_ND, routing, capacity_factor=None):
+  """The routed experts on N tokens with routing over them; capacity backend when a factor is given."""
+  experts_A, weights_A = routing.experts_BTk.reshape(-1), routing.weights_BTk.reshape(-1)
+  capacity = None if capacity_factor is None else expert_capacity(capacity_factor, experts_A.shape[0],
+                                                                  moe.cfg.n_routed_experts)
+  return moe.experts(x_ND, experts_A, weights_A, capacity)
 
 
 class RouterTest(chex.TestCase):
@@ -238,7 +254,7 @@ class BalanceStatsTest(chex.TestCase):
   def test_expert_load(self):
     cfg = tc.v3_style()
     moe = _moe("v3")
-    _, aux = moe(jnp.asarray(_inputs(cfg, seed=8)))
+    _, aux = moe(jnp.asarray(_inputs(cfg, seed=8)), DROPLESS)
     routing = moe.router(jnp.asarray(_inputs(cfg, seed=8)))
     load = np.asarray(aux["expert_load"])
     self.assertEqual(load.sum(), B * T * cfg.num_experts_per_tok)
@@ -255,7 +271,7 @@ class ExpertsTest(chex.TestCase):
     x = jnp.asarray(_inputs(cfg, seed=9).reshape(B * T, -1))
     routing = moe.router(x[None])
     routing = Routing(*(a.reshape((B * T,) + a.shape[2:]) for a in routing))
-    out = moe.experts(x, routing)
+    out = _experts(moe, x, routing)
     ref = _np_experts(np.asarray(x), np.asarray(routing.experts_BTk), np.asarray(routing.weights_BTk), moe)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -264,14 +280,13 @@ class ExpertsTest(chex.TestCase):
     cfg = tc.STYLES[style]()
     dropless = _moe(style)
     # capacity_factor E/k gives C = N slots per expert: no assignment can be dropped.
-    capacity = _moe(style, moe_backend="capacity",
-                    capacity_factor=cfg.n_routed_experts / cfg.num_experts_per_tok)
+    ample = _capacity(cfg.n_routed_experts / cfg.num_experts_per_tok)
     x = jnp.asarray(_inputs(cfg, seed=10))
-    chex.assert_trees_all_close(capacity(x)[0], dropless(x)[0], atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(dropless(x, ample)[0], dropless(x, DROPLESS)[0], atol=1e-5, rtol=1e-5)
 
   @parameterized.named_parameters(("tiny", 0.01), ("half", 0.5), ("one", 1.0))
   def test_capacity_drops_first_come_first_served(self, capacity_factor):
-    moe = _moe("v3", moe_backend="capacity", capacity_factor=capacity_factor)
+    moe = _moe("v3")
     cfg = moe.cfg
     n, k, e = B * T, cfg.num_experts_per_tok, cfg.n_routed_experts
     x = jnp.asarray(_inputs(cfg, seed=11).reshape(n, -1))
@@ -280,9 +295,9 @@ class ExpertsTest(chex.TestCase):
     experts, weights = np.asarray(routing.experts_BTk), np.asarray(routing.weights_BTk)
     kept = _fcfs_kept(experts, max(1, math.ceil(capacity_factor * n * k / e)))
     self.assertFalse(kept.all(), "nothing was dropped: the test is vacuous")
-    out = np.asarray(moe.experts(x, routing))
+    out = np.asarray(_experts(moe, x, routing, capacity_factor))
     np.testing.assert_allclose(out, _np_experts(np.asarray(x), experts, weights, moe, kept), atol=1e-5, rtol=1e-5)
-    dropless = np.asarray(_moe("v3").experts(x, routing))
+    dropless = np.asarray(_experts(moe, x, routing))
     changed = np.abs(out - dropless).max(-1) > 1e-4
     np.testing.assert_array_equal(changed, ~kept.all(-1))
     np.testing.assert_array_equal(out[~kept.any(-1)], 0.0)  # fully dropped tokens get no routed output
@@ -305,28 +320,28 @@ class ExpertsTest(chex.TestCase):
   def test_capacity_gradients(self, capacity_factor):
     cfg = tc.STYLES["v3"]()
     ample = cfg.n_routed_experts / cfg.num_experts_per_tok
-    moe = _moe("v3", moe_backend="capacity", capacity_factor=capacity_factor or ample)
+    moe = _moe("v3")
     n = B * T
     x = jnp.asarray(_inputs(cfg, seed=14).reshape(n, -1))
     routing = moe.router(x[None])
     routing = Routing(*(a.reshape((n,) + a.shape[2:]) for a in routing))
     g = jnp.asarray(np.random.default_rng(14).standard_normal(x.shape), jnp.float32)
-    loss = lambda experts, x: jnp.sum(experts(x, routing) * g)
-    dx = jax.grad(lambda x: loss(moe.experts, x))(x)
+    loss = lambda cf, x: jnp.sum(_experts(moe, x, routing, cf) * g)
+    dx = jax.grad(lambda x: loss(capacity_factor or ample, x))(x)
     if capacity_factor is None:  # nothing dropped: the same gradient as the dropless backend
-      np.testing.assert_allclose(dx, jax.grad(lambda x: loss(_moe("v3").experts, x))(x), rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(dx, jax.grad(lambda x: loss(None, x))(x), rtol=1e-5, atol=1e-5)
     else:  # with drops: against central finite differences along a random direction
       direction = jnp.asarray(np.random.default_rng(15).standard_normal(x.shape), jnp.float32)
       eps = 1e-3
-      fd = (loss(moe.experts, x + eps * direction) - loss(moe.experts, x - eps * direction)) / (2 * eps)
+      fd = (loss(capacity_factor, x + eps * direction) - loss(capacity_factor, x - eps * direction)) / (2 * eps)
       np.testing.assert_allclose(jnp.sum(dx * direction), fd, rtol=2e-3)
 
   def test_whole_model_backends_agree(self):
     cfg = tc.v3_style(mtp_depth=0)  # the MTP block is one more MoE block: left out to save compiles
     ids = tc.random_ids(cfg, (B, T), seed=12)
-    dropless = tc.forward(tc.build(cfg, seed=0), ids)
-    cap_cfg = cfg.replace(moe_backend="capacity", capacity_factor=cfg.n_routed_experts / cfg.num_experts_per_tok)
-    capacity = tc.forward(tc.build(cap_cfg, seed=0), ids)
+    model = tc.build(cfg, seed=0)
+    dropless = tc.forward(model, ids)
+    capacity = tc.forward(model, ids, execution=_capacity(cfg.n_routed_experts / cfg.num_experts_per_tok))
     chex.assert_trees_all_close(capacity.logits, dropless.logits, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(capacity.aux["expert_load"], dropless.aux["expert_load"])
 

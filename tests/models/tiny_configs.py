@@ -1,6 +1,6 @@
 """Tiny DeepSeek-style configs and model builders shared by the model tests.
 
-Every factory takes keyword overrides (`v3_style(moe_backend="capacity")`). The sizes keep a forward
+Every factory takes keyword overrides (`v3_style(n_group=1)`). The sizes keep a forward
 and backward pass of a 3-layer model cheap on a CPU while still having several heads, expert groups
 and a YaRN ramp that matters at the test lengths (original context 8 < T). `init_std` is large so
 router scores are far apart and top-k choices are decisive.
@@ -118,16 +118,17 @@ def build(cfg: models.ModelConfig, seed: int = 0, *, randomized: bool = True,
                      std=std)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "with_mtp"))
-def _forward(graphdef, state, ids, positions, segment_ids, with_mtp):
-  return nnx.merge(graphdef, state).forward(ids, positions, segment_ids, with_mtp=with_mtp)
+@functools.partial(jax.jit, static_argnames=("graphdef", "with_mtp", "execution"))
+def _forward(graphdef, state, ids, positions, segment_ids, with_mtp, execution):
+  return nnx.merge(graphdef, state).forward(ids, positions, segment_ids, with_mtp=with_mtp, execution=execution)
 
 
 def forward(model: models.Transformer, ids, positions=None, segment_ids=None, *,
-            with_mtp: bool = False) -> models.ModelOutput:
+            with_mtp: bool = False, execution: models.Execution | None = None) -> models.ModelOutput:
   """`model.forward` under one shared jit, so tests with equal graphs and shapes compile once."""
   graphdef, state = nnx.split(model)
-  return _forward(graphdef, state, jnp.asarray(ids), positions, segment_ids, with_mtp)
+  return _forward(graphdef, state, jnp.asarray(ids), positions, segment_ids, with_mtp,
+                  execution or models.Execution())
 
 
 def random_ids(cfg: models.ModelConfig, shape, seed: int = 0) -> np.ndarray:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import models
 from tests.models import tiny_configs as tc
 
 B, T = 2, 16
@@ -38,10 +39,10 @@ def _xent(logits_BTV, targets_BT):
   return -jnp.mean(jnp.take_along_axis(logp, targets_BT[..., None], axis=-1))
 
 
-def _loss(model, ids_BT):
+def _loss(model, ids_BT, execution=None):
   """Next-token cross-entropy, plus the MTP (token i+2) cross-entropy when the model has MTP.
   Returns the logits as auxiliary output."""
-  out = model.forward(ids_BT, with_mtp=bool(model.cfg.mtp_depth))
+  out = model.forward(ids_BT, with_mtp=bool(model.cfg.mtp_depth), execution=execution)
   loss = _xent(out.logits[:, :-1], ids_BT[:, 1:])
   if out.mtp_logits is not None:
     loss = loss + 0.3 * _xent(out.mtp_logits[:, :-1], ids_BT[:, 2:])
@@ -49,13 +50,13 @@ def _loss(model, ids_BT):
 
 
 @functools.cache
-def _grad_fn(cfg):
+def _grad_fn(cfg, execution):
   """((loss, logits), grads) for models of `cfg` under one jit (cached so tests share the compile)."""
-  return nnx.jit(nnx.value_and_grad(_loss, has_aux=True))
+  return nnx.jit(nnx.value_and_grad(functools.partial(_loss, execution=execution), has_aux=True))
 
 
-def _grads(cfg, ids):
-  return _grad_fn(cfg)(tc.build(cfg, seed=0), jnp.asarray(ids))
+def _grads(cfg, ids, execution=models.Execution()):
+  return _grad_fn(cfg, execution)(tc.build(cfg, seed=0), jnp.asarray(ids))
 
 
 class TransformerTest(chex.TestCase):
@@ -124,7 +125,7 @@ class TransformerTest(chex.TestCase):
     cfg = tc.v2_lite_style()
     ids = tc.random_ids(cfg, (B, T), seed=3)
     (loss, logits), grads = _grads(cfg, ids)
-    (remat_loss, remat_logits), remat_grads = _grads(cfg.replace(remat_policy=policy), ids)
+    (remat_loss, remat_logits), remat_grads = _grads(cfg, ids, models.Execution(remat_policy=policy))
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-5)
     chex.assert_trees_all_close(remat_logits, logits, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(jax.tree.map(np.asarray, remat_grads), jax.tree.map(np.asarray, grads),

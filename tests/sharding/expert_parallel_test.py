@@ -1,4 +1,5 @@
-"""The expert-parallel MoE (all_to_all dispatch inside shard_map) equals the single-device MoE."""
+"""The expert-parallel MoE (models/moe_parallel.py: all_to_all dispatch inside shard_map) equals the
+single-device MoE, and only the Execution selects it."""
 
 import sharding_testlib as lib  # first: sets 8 fake CPU devices before JAX initialises
 
@@ -9,30 +10,31 @@ import jax.numpy as jnp
 from absl.testing import absltest, parameterized
 from flax import nnx
 
+import models
 import sharding
 from models.moe import MoE
 
+# "capacity": cf = E so nothing is ever dropped; "dropping": cf 0.5 drops many assignments.
+EXECUTION = {"dropless": dict(moe_backend="dropless"), "capacity": dict(moe_backend="capacity", capacity_factor=8.0),
+             "dropping": dict(moe_backend="capacity", capacity_factor=0.5)}
+
 
 @functools.cache
-def _moe(backend):
-  # "capacity": cf = E so nothing is ever dropped; "dropping": cf 0.5 drops many assignments.
-  if backend == "dropping":
-    cfg = lib.tiny_config(moe_backend="capacity", capacity_factor=0.5)
-  else:
-    cfg = lib.tiny_config(moe_backend=backend, capacity_factor=8.0)
+def _moe():
+  cfg = lib.tiny_config()
   graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0)))
   return cfg, graphdef, lib.randomize(state, seed=3)
 
 
 @functools.cache
 def _reference(backend, b, t):
-  cfg, graphdef, state = _moe(backend)
-  return jax.jit(_apply_fn(graphdef))(state, *_inputs(cfg, b, t))
+  cfg, graphdef, state = _moe()
+  return jax.jit(_apply_fn(graphdef, models.Execution(**EXECUTION[backend])))(state, *_inputs(cfg, b, t))
 
 
-def _apply_fn(graphdef):
+def _apply_fn(graphdef, execution):
   def loss(state, x_BTD, valid_BT):
-    y_BTD, aux = nnx.merge(graphdef, state)(x_BTD, valid_BT)
+    y_BTD, aux = nnx.merge(graphdef, state)(x_BTD, execution, valid_BT)
     return jnp.sum(jnp.sin(y_BTD)) + aux["balance_loss"], (y_BTD, aux)
   return jax.value_and_grad(loss, has_aux=True)
 
@@ -50,19 +52,17 @@ class ExpertParallelTest(parameterized.TestCase):
     lib.require_devices(self)
 
   def _check(self, backend, mesh_shape, b, t):
-    cfg, graphdef, state = _moe(backend)
-    fn = _apply_fn(graphdef)
+    cfg, graphdef, state = _moe()
     x, valid = _inputs(cfg, b, t)
     (_, (ref_y, ref_aux)), ref_grads = _reference(backend, b, t)
 
     mesh = sharding.make_mesh(mesh_shape)
-    shardings = sharding.state_shardings(state, mesh)
-    state_s = jax.device_put(state, shardings)
-    x_s = jax.device_put(x, sharding.named_sharding(mesh, ("batch", "length", "activation_embed"), shape=x.shape))
-    valid_s = jax.device_put(valid, sharding.batch_sharding(mesh, shape=valid.shape))
-    with jax.set_mesh(mesh):
-      compiled = jax.jit(fn).lower(state_s, x_s, valid_s).compile()
-      (_, (y, aux)), grads = compiled(state_s, x_s, valid_s)
+    execution = sharding.make_execution(EXECUTION[backend], mesh)
+    self.assertIsNotNone(execution.expert_parallel)
+    fn = _apply_fn(graphdef, execution)
+    state_s, x_s, valid_s = self._place(mesh, state, x, valid)
+    compiled = jax.jit(fn).lower(state_s, x_s, valid_s).compile()  # no jax.set_mesh: the execution names it
+    (_, (y, aux)), grads = compiled(state_s, x_s, valid_s)
     self.assertIn("all-to-all", compiled.as_text())  # the expert-parallel path ran
     lib.assert_close_rel(self, y, ref_y, 1e-5, "moe output")
     lib.assert_close_rel(self, aux, ref_aux, 1e-5, "aux")
@@ -83,11 +83,37 @@ class ExpertParallelTest(parameterized.TestCase):
     # 3 × 5 = 15 tokens over 8 batch shards: padded with assignments that go nowhere.
     self._check("dropless", dict(data=2, fsdp=2, expert=2, tensor=1), b=3, t=5)
 
-  def test_no_mesh_means_no_dispatch(self):
-    cfg, graphdef, state = _moe("dropless")
-    x, valid = _inputs(cfg, 2, 4)
-    text = jax.jit(_apply_fn(graphdef)).lower(state, x, valid).as_text()
-    self.assertNotIn("all_to_all", text)
+  def _place(self, mesh, state, x, valid):
+    state_s = jax.device_put(state, sharding.state_shardings(state, mesh))
+    x_s = jax.device_put(x, sharding.named_sharding(mesh, ("batch", "length", None), shape=x.shape))
+    valid_s = jax.device_put(valid, sharding.batch_sharding(mesh, shape=valid.shape))
+    return state_s, x_s, valid_s
+
+  def test_ambient_mesh_does_not_pick_the_algorithm(self):
+    """Under `jax.set_mesh` of a mesh whose expert axis splits the experts, an Execution without
+    expert_parallel still runs the GSPMD path (no all-to-all) and gives the single-device result."""
+    cfg, graphdef, state = _moe()
+    x, valid = _inputs(cfg, 8, 6)
+    mesh = sharding.make_mesh(lib.MESHES["dp_fsdp_ep"])
+    args = self._place(mesh, state, x, valid)
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(_apply_fn(graphdef, models.Execution())).lower(*args).compile()
+      (_, (y, _)), _ = compiled(*args)
+    self.assertNotIn("all-to-all", compiled.as_text())
+    (_, (ref_y, _)), _ = _reference("dropless", 8, 6)
+    lib.assert_close_rel(self, y, ref_y, 1e-5, "moe output")
+
+  def test_make_execution_follows_the_mesh_and_rules(self):
+    mesh = sharding.make_mesh(lib.MESHES["dp_ep_tp"])
+    ep = sharding.make_execution(None, mesh).expert_parallel
+    self.assertEqual((ep.expert_axis, ep.batch_axes, ep.ffn_axis, ep.num_shards),
+                     ("expert", ("data", "fsdp", "expert"), "tensor", 2))
+    no_ep = sharding.make_mesh(dict(data=4, fsdp=2, expert=1, tensor=1))
+    self.assertIsNone(sharding.make_execution({"moe_backend": "capacity"}, no_ep).expert_parallel)
+    ep = sharding.make_execution(None, mesh, {"batch": ["data", "expert"], "moe_mlp": None}).expert_parallel
+    self.assertEqual((ep.batch_axes, ep.ffn_axis), (("data", "expert"), None))
+    with self.assertRaisesRegex(ValueError, "must also split the batch"):
+      sharding.make_execution(None, mesh, {"batch": ["data", "fsdp"]})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The full model on 8 fake CPU devices: `jit(init, out_shardings=state_shardings(...))` places every
 parameter as the rules say, and the sharded forward (logits, MTP logits, MoE expert load, balance loss)
-and gradients equal the single-device ones (1e-5 / 1e-4 relative)."""
+and gradients, expert-parallel as `sharding.make_execution` chooses for the mesh, equal the
+single-device ones (1e-5 / 1e-4 relative)."""
 
 import sharding_testlib as lib  # first: sets 8 fake CPU devices before JAX initialises
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +29,8 @@ def init_state():
 GRAPHDEF, ABSTRACT_STATE = nnx.split(nnx.eval_shape(lambda: models.Transformer(CFG, rngs=nnx.Rngs(0))))
 
 
-def loss_fn(state, ids_BT, segments_BT):
-  out = nnx.merge(GRAPHDEF, state).forward(ids_BT, segment_ids=segments_BT, with_mtp=True)
+def loss_fn(state, ids_BT, segments_BT, execution=models.Execution()):
+  out = nnx.merge(GRAPHDEF, state).forward(ids_BT, segment_ids=segments_BT, with_mtp=True, execution=execution)
   valid = (segments_BT != 0).astype(jnp.float32)
 
   def xent(logits, targets, mask):
@@ -58,8 +61,9 @@ class ShardedModelTest(parameterized.TestCase):
     sharding.validate(CFG, mesh, batch_size=BATCH)
     shardings = sharding.state_shardings(ABSTRACT_STATE, mesh)
     batch = sharding.batch_sharding(mesh)
-    with jax.set_mesh(mesh):
-      state = jax.jit(init_state, out_shardings=shardings)()
+    execution = sharding.make_execution(None, mesh)
+    self.assertIsNotNone(execution.expert_parallel)  # every test mesh splits the experts
+    state = jax.jit(init_state, out_shardings=shardings)()
 
     # Placement: every leaf carries the spec the rules give it.
     for (path, leaf), expected in zip(jax.tree_util.tree_flatten_with_path(state)[0],
@@ -79,9 +83,10 @@ class ShardedModelTest(parameterized.TestCase):
     local = jax.device_put(jax.device_get(state), jax.devices()[0])
     (ref_loss, ref_aux), ref_grads = reference_grad_fn(local, ids, segments)
     ids, segments = jax.device_put((ids, segments), batch)
-    with jax.set_mesh(mesh):
-      step = jax.jit(grad_fn, in_shardings=(shardings, batch, batch), out_shardings=((None, None), shardings))
-      (loss, aux), grads = step(state, ids, segments)
+    step = jax.jit(functools.partial(grad_fn, execution=execution), in_shardings=(shardings, batch, batch),
+                   out_shardings=((None, None), shardings))
+    (loss, aux), grads = step(state, ids, segments)
+    self.assertIn("all-to-all", step.lower(state, ids, segments).compile().as_text())
     for name in ("logits", "mtp_logits", "expert_load", "mtp_expert_load", "balance_loss"):
       lib.assert_close_rel(self, aux[name], ref_aux[name], 1e-5, name)
     lib.assert_close_rel(self, loss, ref_loss, 1e-5, "loss")

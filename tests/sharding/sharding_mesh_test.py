@@ -4,6 +4,7 @@ import sharding_testlib as lib  # first: sets 8 fake CPU devices before JAX init
 
 import jax
 import ml_collections
+import numpy as np
 from absl.testing import absltest, parameterized
 from jax.sharding import AxisType
 
@@ -28,10 +29,11 @@ class MakeMeshTest(parameterized.TestCase):
     self.assertEqual(dict(sharding.make_mesh(cfg).shape), dict(data=1, fsdp=2, expert=2, tensor=2))
     self.assertEqual(dict(sharding.make_mesh({"data": -1}).shape), dict(data=8, fsdp=1, expert=1, tensor=1))
 
-  def test_explicit_devices(self):
-    mesh = sharding.make_mesh(dict(data=2, fsdp=-1), devices=jax.devices()[:4])
+  def test_explicit_devices_keep_their_order(self):
+    devices = jax.devices()[::-1][:4]
+    mesh = sharding.make_mesh(dict(data=2, fsdp=-1), devices=devices)
     self.assertEqual(dict(mesh.shape), dict(data=2, fsdp=2, expert=1, tensor=1))
-    self.assertEqual(set(mesh.devices.flat), set(jax.devices()[:4]))
+    np.testing.assert_array_equal(mesh.devices, np.array(devices).reshape(2, 2, 1, 1))
 
   def test_product_must_equal_device_count(self):
     with self.assertRaisesRegex(ValueError, r"has 4 devices .* there are 8 devices"):
@@ -70,7 +72,12 @@ class ValidateTest(absltest.TestCase):
     lib.require_devices(self)
 
   def test_accepts_fitting_model(self):
-    sharding.validate(lib.tiny_config(), sharding.make_mesh(dict(data=2, expert=2, tensor=2)), batch_size=8)
+    mesh = sharding.make_mesh(dict(data=2, expert=2, tensor=2))
+    self.assertEqual(mesh.axis_names, ("data", "fsdp", "expert", "tensor"))
+    self.assertEqual(dict(mesh.shape), dict(data=2, fsdp=1, expert=2, tensor=2))
+    # Devices fill the mesh in order, tensor varying fastest: a tensor group is adjacent devices.
+    np.testing.assert_array_equal(mesh.devices, np.array(jax.devices()).reshape(2, 1, 2, 2))
+    self.assertIsNone(sharding.validate(lib.tiny_config(), mesh, batch_size=8))
 
   def test_heads_not_divisible_by_tensor(self):
     mesh = sharding.make_mesh(dict(data=2, tensor=4))
@@ -84,7 +91,7 @@ class ValidateTest(absltest.TestCase):
 
   def test_batch_not_divisible(self):
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2))
-    with self.assertRaisesRegex(ValueError, r"batch size 12 is not divisible by data×fsdp×expert .* = 8"):
+    with self.assertRaisesRegex(ValueError, r"batch size 12 is not divisible by .*data×fsdp×expert .*= 8"):
       sharding.validate(lib.tiny_config(), mesh, batch_size=12)
 
   def test_reports_every_problem(self):

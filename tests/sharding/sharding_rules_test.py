@@ -52,7 +52,7 @@ class LogicalToSpecTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "'embed' and 'q_lora' .* both map to mesh axis 'fsdp'"):
       sharding.logical_to_spec(("embed", "q_lora"), {"q_lora": "fsdp"})
     with self.assertRaisesRegex(ValueError, "both map to mesh axis 'fsdp'"):
-      sharding.logical_to_spec(("batch", "length", "embed"))  # activations use activation_embed
+      sharding.logical_to_spec(("batch", "length", "embed"))  # activations name their model dim None
 
   def test_overrides(self):
     rules = sharding.make_rules({"batch": ["data", "fsdp"], "length": "expert", "vocab": None})
@@ -62,6 +62,14 @@ class LogicalToSpecTest(absltest.TestCase):
     self.assertEqual(sharding.make_rules()["embed"], "fsdp")
     with self.assertRaisesRegex(ValueError, "rule 'embed'"):
       sharding.make_rules({"embed": 3})
+
+  def test_batch_shards_follow_the_rules(self):
+    sizes = dict(data=2, fsdp=3, expert=5, tensor=7)
+    self.assertEqual(sharding.batch_axes(), ("data", "fsdp", "expert"))
+    self.assertEqual(sharding.batch_shards(sizes), 30)
+    self.assertEqual(sharding.batch_shards(sizes, {"batch": ["data", "expert"]}), 10)
+    self.assertEqual(sharding.batch_shards(sizes, {"batch": "tensor"}), 7)
+    self.assertEqual(sharding.batch_shards(sizes, {"batch": None}), 1)
 
   def test_indivisible_dims_fall_back(self):
     lib.require_devices(self)
@@ -75,20 +83,6 @@ class LogicalToSpecTest(absltest.TestCase):
     self.assertEqual(sharding.batch_sharding(mesh, shape=(2, 3)).spec, P("data", None))
     with self.assertRaisesRegex(ValueError, "not in mesh"):
       sharding.logical_to_spec(("embed",), {"embed": "model"}, shape=(8,), mesh=mesh)
-
-
-class ConstrainTest(absltest.TestCase):
-
-  def test_constrain_on_ambient_mesh_only(self):
-    lib.require_devices(self)
-    mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2))
-    f = jax.jit(lambda x: sharding.constrain(x * 2, ("batch", "length", "activation_embed")))
-    x = jnp.ones((8, 4, 6))
-    self.assertEqual(f(x).sharding.device_set, {jax.devices()[0]})
-    with jax.set_mesh(mesh):
-      y = f(x)
-    self.assertTrue(y.sharding.is_equivalent_to(
-        jax.sharding.NamedSharding(mesh, P(("data", "fsdp", "expert"), None, None)), 3), y.sharding)
 
 
 class ConfigParamsTest(parameterized.TestCase):

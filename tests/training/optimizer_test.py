@@ -29,7 +29,7 @@ def _params_and_biases(value: float = 0.5):
   config = tiny.get_config("test")
   config.model.update(attention_bias=True, mlp_bias=True)
   model_cfg = models.from_dict(config.model.to_dict())
-  modeldef = state_lib.ModelDef.of(nnx.eval_shape(lambda: models.Transformer(model_cfg, rngs=nnx.Rngs(0))))
+  modeldef = state_lib.ModelDef.abstract(model_cfg)
   fill = lambda s: jnp.full(s.shape, value, s.dtype)
   return (jax.tree.map(fill, nnx.to_pure_dict(modeldef.params_template)),
           jax.tree.map(fill, nnx.to_pure_dict(modeldef.bias_template)))

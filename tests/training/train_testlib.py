@@ -37,7 +37,7 @@ CONFIG_FLAGS = (
     "--config.optim.min_lr_ratio=0.1",
     "--config.optim.warmup_fraction=0.05",
     "--config.optim.decay_start_fraction=0.5",
-    "--config.model.moe_backend=dropless",
+    "--config.execution.moe_backend=dropless",
 )
 STEPS = 6
 
