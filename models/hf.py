@@ -21,14 +21,11 @@ from flax import nnx
 
 from models import safetensors_io
 from models.config import ModelConfig
-from models.hf_config import model_config_from_hf, model_config_to_hf
+from models.hf_config import check_hf_field_types, model_config_from_hf, model_config_to_hf
+from models.safetensors_io import CheckpointError  # re-exported as models.CheckpointError
 from models.transformer import Transformer
 
 Path = tuple[str, ...]
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory that cannot be read as the expected DeepSeek layout."""
 
 
 def _block_table(cfg: ModelConfig, moe: bool) -> list[tuple[str, Path, Callable, Callable]]:
@@ -96,27 +93,80 @@ def _layout(cfg: ModelConfig):
       yield f"model.layers.{n}.{name}", ("mtp", "block") + path, to_ours, to_hf
 
 
+_INDEX = "model.safetensors.index.json"
+
+
+def _load_json(path: str, what: str):
+  """Parses a JSON file that must hold an object; errors name the file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except OSError as e:  # e.g. a directory where the file should be
+    raise CheckpointError(f"{path}: cannot read {what}: {e.strerror}") from None
+  except (ValueError, RecursionError) as e:  # JSON or UTF-8 errors, absurd nesting
+    raise CheckpointError(f"{path}: {what} is not valid JSON: {e}") from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+  return value
+
+
+def _inside(path: str, root: str) -> bool:
+  return os.path.commonpath([path, root]) == root
+
+
+def _shard_path(ckpt_dir: str, name, entry: str) -> str:
+  """Path of shard `name`, which must stay inside ckpt_dir; `entry` says who named it, for errors.
+
+  Symlinks may point into the Hugging Face hub cache's blob store: a snapshot directory
+  `<repo>/snapshots/<revision>/` holds links to `../../blobs/<hash>`.
+  """
+  if (not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name)
+      or ".." in name.replace("\\", "/").split("/")):
+    raise CheckpointError(f"{ckpt_dir}: {entry} names shard {name!r}, which is not a relative path "
+                          "inside the checkpoint directory")
+  path = os.path.join(ckpt_dir, name)
+  root = os.path.realpath(ckpt_dir)
+  roots = [root]
+  if os.path.basename(os.path.dirname(root)) == "snapshots":
+    roots.append(os.path.realpath(os.path.join(root, "..", "..", "blobs")))
+  real = os.path.realpath(path)
+  if not any(_inside(real, r) for r in roots):
+    raise CheckpointError(f"{ckpt_dir}: {entry} names shard {name!r}, which resolves to {real}, outside "
+                          "the checkpoint directory")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{ckpt_dir}: shard {name} named by {entry} is missing")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{ckpt_dir}: shard {name} named by {entry} is not a regular file")
+  return path
+
+
 class _Reader:
   """Finds tensors across single or sharded safetensors files; dequantises FP8 on access."""
 
   def __init__(self, ckpt_dir: str):
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    index = os.path.join(ckpt_dir, _INDEX)
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      files = sorted(set(weight_map.values()))
+      weight_map = _load_json(index, "the shard index").get("weight_map")
+      if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of tensor name → shard file")
+      first_entry = {}  # shard → the first weight_map entry naming it, for error messages
+      for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+          raise CheckpointError(f"{index}: weight_map entry {tensor!r} maps to {shard!r}, not a file name")
+        first_entry.setdefault(shard, f"{_INDEX} weight_map entry {tensor!r}")
+      paths = {s: _shard_path(ckpt_dir, s, e) for s, e in sorted(first_entry.items())}
     else:
       files = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".safetensors"))
-      weight_map = None
-    if not files:
-      raise CheckpointError(f"{ckpt_dir}: no *.safetensors files and no model.safetensors.index.json")
-    self.files = {}
-    for name in files:
-      path = os.path.join(ckpt_dir, name)
-      if not os.path.exists(path):
-        raise CheckpointError(f"{ckpt_dir}: shard {name} listed in the index is missing")
-      self.files[name] = safetensors_io.SafetensorsFile(path)
-    self.where = {k: n for n, f in self.files.items() for k in f.keys()}
+      paths = {f: _shard_path(ckpt_dir, f, "the directory listing") for f in files}
+    if not paths:
+      raise CheckpointError(f"{ckpt_dir}: no *.safetensors files and no {_INDEX}")
+    self.files = {name: safetensors_io.SafetensorsFile(path) for name, path in paths.items()}
+    self.where = {}
+    for shard, f in self.files.items():
+      for k in f.keys():
+        if k in self.where:  # which copy a loader picks would be an accident of file order
+          raise CheckpointError(f"{ckpt_dir}: tensor {k!r} is stored in both {self.where[k]} and {shard}")
+        self.where[k] = shard
     self.ckpt_dir = ckpt_dir
 
   def __contains__(self, name):
@@ -130,18 +180,28 @@ class _Reader:
     if str(w.dtype).startswith("float8"):
       if scale_name not in self.where:
         raise CheckpointError(f"{self.ckpt_dir}: FP8 tensor {name!r} has no {scale_name!r}")
-      return safetensors_io.dequantize_fp8(w, self.files[self.where[scale_name]].get(scale_name))
+      try:
+        return safetensors_io.dequantize_fp8(w, self.files[self.where[scale_name]].get(scale_name))
+      except CheckpointError:
+        raise
+      except ValueError as e:
+        raise CheckpointError(f"{self.ckpt_dir}: FP8 tensor {name!r} in {self.where[name]}: {e}") from None
     return np.asarray(w, np.float32)
 
 
 def read_hf_config(ckpt_dir: str) -> dict:
+  """config.json as a dict, with the fields we read type-checked (errors name the file and field)."""
   path = os.path.join(ckpt_dir, "config.json")
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f"checkpoint directory {ckpt_dir!r} does not exist")
   if not os.path.exists(path):
     raise CheckpointError(f"{ckpt_dir}: config.json is missing")
-  with open(path) as f:
-    return json.load(f)
+  hf = _load_json(path, "config.json")
+  try:
+    check_hf_field_types(hf)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  return hf
 
 
 def load_hf_checkpoint(ckpt_dir: str, dtype=jnp.float32, param_dtype=None, **config_overrides) -> Transformer:

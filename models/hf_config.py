@@ -8,6 +8,7 @@ the correction bias and top-2-sum group scores; V2 is softmax scoring with greed
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from models.config import ModelConfig
@@ -29,17 +30,76 @@ _V2_DEFAULTS = dict(
 _ARCHITECTURES = {"deepseek_v3": _V3_DEFAULTS, "deepseek_v2": _V2_DEFAULTS}
 
 
+# JSON types of the config.json fields we read. A wrong type would otherwise surface far from its cause
+# (bool("false") is True; "48" fails deep inside a layer). Null is allowed only where transformers
+# accepts it: q_lora_rank null means no q LoRA, elsewhere we use the class default, as for a missing key.
+_INT = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank", "qk_rope_head_dim",
+        "v_head_dim", "qk_nope_head_dim", "first_k_dense_replace", "max_position_embeddings", "moe_layer_freq")
+_INT_OR_NULL = ("q_lora_rank", "n_group", "topk_group", "num_experts_per_tok", "num_key_value_heads",
+                "num_nextn_predict_layers", "num_mtp_layers")
+_NUMBER = ("routed_scaling_factor", "rms_norm_eps")
+_BOOL = ("attention_bias", "mlp_bias", "norm_topk_prob", "rope_interleave", "tie_word_embeddings")
+_STR = ("model_type", "hidden_act", "topk_method")
+_ROPE = {"rope_type": "str", "type": "str", "rope_theta": "number?", "factor": "number?",
+         "original_max_position_embeddings": "int?", "beta_fast": "number?", "beta_slow": "number?",
+         "mscale": "number?", "mscale_all_dim": "number?", "attention_factor": "number?", "truncate": "bool?"}
+_KIND_TEXT = {"int": "an integer >= 0", "number": "a finite number", "bool": "true or false",
+              "str": "a string", "object": "an object"}
+_JSON_NAMES = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string",
+               list: "array", dict: "object"}
+
+
+def _type_ok(value, kind: str) -> bool:
+  if kind.endswith("?"):
+    return value is None or _type_ok(value, kind[:-1])
+  if kind == "int":
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+  if kind == "number":
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  return isinstance(value, {"bool": bool, "str": str, "object": dict}[kind])
+
+
+def _check(key: str, value, kind: str) -> None:
+  if not _type_ok(value, kind):
+    want = _KIND_TEXT[kind.rstrip("?")] + (" or null" if kind.endswith("?") else "")
+    got = _JSON_NAMES.get(type(value), type(value).__name__)
+    raise ValueError(f"config field {key!r} must be {want}, got {value!r:.80} ({got})")
+
+
+def check_hf_field_types(hf: dict[str, Any]) -> None:
+  """Raises ValueError naming the first field we read whose JSON type is wrong (others are not checked)."""
+  kinds = {**{k: "int" for k in _INT}, **{k: "int?" for k in _INT_OR_NULL}, **{k: "number" for k in _NUMBER},
+           **{k: "bool" for k in _BOOL}, **{k: "str" for k in _STR}, "rope_theta": "number?",
+           "rope_parameters": "object?", "rope_scaling": "object?"}
+  for key, kind in kinds.items():
+    if key in hf:
+      _check(key, hf[key], kind)
+  for section in ("rope_parameters", "rope_scaling"):
+    for key, kind in _ROPE.items():
+      if key in (hf.get(section) or {}):
+        _check(f"{section}.{key}", hf[section][key], kind)
+
+
+def _need_int(c: dict[str, Any], key: str, why: str) -> int:
+  if c[key] is None:  # a null, or a V2 default that has no value of its own
+    raise ValueError(f"config field {key!r} must be set to an integer {why}")
+  return c[key]
+
+
 def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
   """Reads either `rope_parameters` (transformers ≥ 5) or `rope_scaling` + top-level `rope_theta`."""
   params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   rope_type = params.get("rope_type", params.get("type", "default"))
-  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  theta = next((t for t in (params.get("rope_theta"), hf.get("rope_theta")) if t is not None), 10000.0)
   fields: dict[str, Any] = dict(rope_theta=float(theta), rope_type=rope_type)
   if rope_type == "default":
     return fields
   if rope_type != "yarn":
     raise ValueError(f"unsupported rope type {rope_type!r}: only default and yarn are implemented")
   original = params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+  if not original:
+    raise ValueError("YaRN needs original_max_position_embeddings > 0")
   factor = params.get("factor")
   if factor is None:
     factor = hf["max_position_embeddings"] / original
@@ -57,7 +117,10 @@ def model_config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
   if model_type not in _ARCHITECTURES:
     raise ValueError(f"unsupported architecture model_type={model_type!r} "
                      f"(architectures={hf.get('architectures')}); expected one of {sorted(_ARCHITECTURES)}")
+  check_hf_field_types(hf)  # nulls left after this stand for the default
   c = {**_ARCHITECTURES[model_type], **{k: v for k, v in hf.items() if v is not None or k == "q_lora_rank"}}
+  if c["num_hidden_layers"] > c["first_k_dense_replace"]:
+    _need_int(c, "num_experts_per_tok", "for MoE layers")
   if c["hidden_act"] != "silu":
     raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}; DeepSeek uses silu")
   if c["tie_word_embeddings"]:
@@ -89,7 +152,8 @@ def model_config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
       raise ValueError(f"unsupported V2 topk_method {method!r}")
     grouped = method == "group_limited_greedy"
     fields.update(score_func="softmax", router_bias=False, group_score="max",
-                  n_group=c["n_group"] if grouped else 1, topk_group=c["topk_group"] if grouped else 1,
+                  n_group=_need_int(c, "n_group", f"for {method}") if grouped else 1,
+                  topk_group=_need_int(c, "topk_group", f"for {method}") if grouped else 1,
                   norm_topk_prob=False, rope_interleave=True, mtp_depth=0)
   fields.update(overrides)
   return ModelConfig(**fields)
