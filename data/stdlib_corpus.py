@@ -6,11 +6,12 @@ stdlib root, e.g. `json/decoder.py`). Files are split into train/validation by a
 path (`data.split`, 3 % validation by count), so a file never appears in both splits.
 
 Which files: every `*.py` under `sysconfig.get_paths()["stdlib"]`, excluding `site-packages` /
-`dist-packages` (third-party code), `__pycache__`, the build `config-*` directory, empty files and
-files that are not valid UTF-8. Config `lib` (the default) also excludes the test suites (`test/`,
-`*/tests/`, `idlelib/idle_test/`): they hold ~2/3 of the bytes but are mostly generated data tables,
-deliberately odd syntax and encoding fixtures, so the default corpus is the library code a model
-should learn from. Config `full` keeps them (`python_stdlib/full`).
+`dist-packages` (third-party code), `__pycache__`, the build `config-*` directory, empty files, files
+that are not valid UTF-8 and binary ones (`text_files.skip_reason`; CPython 3.12 has none). Config
+`lib` (the default) also excludes the test suites (`test/`, `*/tests/`, `idlelib/idle_test/`): they
+hold ~2/3 of the bytes but are mostly generated data tables, deliberately odd syntax and encoding
+fixtures, so the default corpus is the library code a model should learn from. Config `full` keeps
+them (`python_stdlib/full`).
 
 The corpus is whatever this Python ships: a different Python version gives a different (but still
 deterministic) dataset. The builder records the version it read in the dataset metadata; builds are
@@ -26,9 +27,11 @@ import os
 import platform
 import sysconfig
 
+from absl import logging
 import tensorflow_datasets as tfds
 
 from data import split as split_lib
+from data import text_files
 
 _ALWAYS_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
@@ -56,13 +59,14 @@ def list_stdlib_files(root: str, include_tests: bool) -> list[str]:
 
 
 def read_utf8(path: str) -> str | None:
-  """The file's text, or None for files that are empty, whitespace-only or not UTF-8."""
+  """The file's text, or None for files that are unreadable, not UTF-8, or no text by the rule of the
+  text_files builder (empty, whitespace-only, or binary: a NUL, or > 10 % control characters)."""
   try:
     with open(path, "rb") as f:
       text = f.read().decode("utf-8")
   except (OSError, UnicodeDecodeError):
     return None
-  return text if text.strip() else None
+  return None if text_files.skip_reason(text) else text
 
 
 class StdlibSource(tfds.core.GeneratorBasedBuilder):
@@ -102,7 +106,12 @@ class StdlibSource(tfds.core.GeneratorBasedBuilder):
     return {name: self._generate_examples(root, rels) for name, rels in by_split.items() if rels}
 
   def _generate_examples(self, root, rels):
+    skipped = 0
     for rel in rels:
       text = read_utf8(os.path.join(root, rel))
-      if text is not None:
-        yield rel, {"text": text, "path": rel}
+      if text is None:
+        skipped += 1
+        continue
+      yield rel, {"text": text, "path": rel}
+    # Reached once TFDS has drained the generator, i.e. once per split.
+    logging.info("python_stdlib: skipped %d of %d files (empty, not UTF-8 or binary).", skipped, len(rels))

@@ -4,7 +4,7 @@ which one is in use.
   tok = ByteTokenizer()                                   # default: raw UTF-8 bytes, vocab 256
   tok = SentencePieceTokenizer("/path/spm.model")         # e.g. from tools/train_tokenizer.py
   tok = HFTokenizer("/path/to/deepseek-v3/")              # tokenizer.json (+ tokenizer_config.json)
-  ids = tok.encode("def f():\n")                          # list[int]; never adds BOS/EOS
+  ids = tok.encode("def f():\n")                          # list[int]; never adds BOS/EOS/pad
   tok.decode(ids)                                         # str; special tokens are dropped
   tok.vocab_size, tok.pad_id, tok.eos_id, tok.bos_id      # bos_id is None when there is none
   tok.token_byte_lengths()                                # int32 [vocab_size]: UTF-8 bytes per id
@@ -16,7 +16,13 @@ tools/train_tokenizer.py trains them) and for byte-level BPE (GPT-2 / DeepSeek s
 for SentencePiece-style models that add a dummy-prefix space (most published ones) each encoded text
 counts one byte more than its decoded text.
 
-Everything here is offline: files are read from local paths; no hub, no `trust_remote_code`.
+Text never encodes to pad/EOS/BOS (documents are packed with segment ids, so a special id inside one
+would be a training target like any other token): the byte tokenizer drops NUL, whose byte is its
+pad/EOS id 0, and `HFTokenizer` encodes the text of special tokens ("<｜end▁of▁sentence｜>" written in
+a document) as ordinary text. SentencePiece never produces control pieces from text.
+
+Everything here is offline: files are read from local paths; no hub, no `trust_remote_code`. A file
+that is not a tokenizer of the expected kind is a ValueError naming it.
 Tokenizers pickle by value (model bytes, not paths) so grain worker processes can use them.
 """
 
@@ -43,7 +49,7 @@ class Tokenizer(abc.ABC):
 
   @abc.abstractmethod
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, without BOS/EOS."""
+    """Token ids of `text`, never pad/EOS/BOS."""
 
   @abc.abstractmethod
   def decode(self, ids: Sequence[int]) -> str:
@@ -64,9 +70,10 @@ class Tokenizer(abc.ABC):
 
 
 class ByteTokenizer(Tokenizer):
-  """UTF-8 bytes as token ids (vocab 256). Id 0 (NUL, which text never contains) is pad and EOS.
+  """UTF-8 bytes as token ids (vocab 256). Id 0 (the NUL byte) is pad and EOS.
 
-  A NUL character in the input would encode to id 0 and be dropped by `decode`.
+  So NUL characters are dropped when encoding: in a document, id 0 would teach the model to end the
+  document there (and `decode` drops id 0 anyway).
   """
 
   pad_id = 0
@@ -78,11 +85,12 @@ class ByteTokenizer(Tokenizer):
     return 256
 
   def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
+    return self.encode_array(text).tolist()
 
   def encode_array(self, text: str | bytes) -> np.ndarray:
     data = text if isinstance(text, bytes) else text.encode("utf-8")
-    return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+    return ids[ids != 0]  # NUL: id 0 is pad and EOS
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = np.asarray(ids).reshape(-1)
@@ -105,9 +113,15 @@ class SentencePieceTokenizer(Tokenizer):
       with open(model_path, "rb") as f:
         model_proto = f.read()
     self._proto = model_proto
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    where = repr(model_path) if model_path else "(model_proto)"
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except RuntimeError as e:  # the protobuf parse fails: not a .model file
+      raise ValueError(f"{where} is not a SentencePiece model file ({e}).") from e
+    if self._sp.get_piece_size() == 0:  # an empty file parses as an empty model
+      raise ValueError(f"{where} is not a SentencePiece model file (no pieces).")
     if self._sp.eos_id() < 0:
-      raise ValueError(f"SentencePiece model {model_path!r} defines no EOS piece.")
+      raise ValueError(f"SentencePiece model {where} defines no EOS piece.")
     self.eos_id = self._sp.eos_id()
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
     self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
@@ -185,13 +199,25 @@ class HFTokenizer(Tokenizer):
       path = os.path.join(path, "tokenizer.json")
     if not path or not os.path.isfile(path):
       raise ValueError(f"tokenizer.json not found: {path!r}")
-    with open(path, encoding="utf-8") as f:
-      self._load(f.read())
+    try:
+      with open(path, encoding="utf-8") as f:
+        spec_json = f.read()
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path!r} is not a tokenizer.json (not UTF-8: {e}).") from e
+    try:
+      self._load(spec_json)
+    except Exception as e:  # pylint: disable=broad-except  (the tokenizers library raises plain Exception)
+      raise ValueError(f"{path!r} is not a valid tokenizer.json ({e}).") from e
     config = {}
     config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if os.path.isfile(config_path):
-      with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+      try:
+        with open(config_path, encoding="utf-8") as f:
+          config = json.load(f)
+      except ValueError as e:  # bad JSON or not UTF-8
+        raise ValueError(f"{config_path!r} is not a JSON file ({e}).") from e
+      if not isinstance(config, dict):
+        raise ValueError(f"{config_path!r} must hold a JSON object, got {type(config).__name__}.")
     vocab = self._tok.get_vocab(with_added_tokens=True)
 
     def resolve(explicit, config_key, candidates):
@@ -216,6 +242,7 @@ class HFTokenizer(Tokenizer):
     import tokenizers  # pylint: disable=g-import-not-at-top
     self._json = spec_json
     self._tok = tokenizers.Tokenizer.from_str(spec_json)
+    self._tok.encode_special_tokens = True  # "<eos>" in a text is text, not the EOS id
 
   def __getstate__(self):
     return dict(json=self._json, ids=(self.eos_id, self.bos_id, self.pad_id))

@@ -23,10 +23,16 @@ from data import tokenizers
 def encode_prompts(tokenizer: tokenizers.Tokenizer, prompts: Sequence[str], *, pad_to: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
   """(int32 ids [B, T] right-padded with pad_id, int32 lengths [B]); T = max(lengths, pad_to)."""
+  if isinstance(prompts, str):  # one string would silently become one prompt per character
+    raise ValueError(f"prompts must be a sequence of strings, got the string {prompts!r}")
+  if len(prompts) == 0:
+    raise ValueError("prompts is empty: need at least one prompt")
   head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
   rows = [head + tokenizer.encode(p) for p in prompts]
-  if any(not r for r in rows):
-    raise ValueError("empty prompt: generation needs at least one prompt token (the byte tokenizer has no BOS)")
+  for i, (p, r) in enumerate(zip(prompts, rows)):
+    if not r:
+      raise ValueError(f"prompt {i} ({p!r}) encodes to no tokens: generation needs at least one prompt token "
+                       "(the byte tokenizer has no BOS to start from)")
   lengths = np.asarray([len(r) for r in rows], np.int32)
   t = max(int(lengths.max()), pad_to or 0)
   ids = np.full((len(rows), t), tokenizer.pad_id, np.int32)
@@ -75,4 +81,6 @@ def complete(model: models.Transformer, tokenizer: tokenizers.Tokenizer, prompts
 def sample(model: models.Transformer, tokenizer: tokenizers.Tokenizer, prompt: str, *, num_samples: int = 1,
            **kwargs) -> list[str]:
   """`num_samples` completions of one prompt (rows of one batch draw independent samples)."""
+  if int(num_samples) != num_samples or num_samples < 1:
+    raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
   return complete(model, tokenizer, [prompt] * num_samples, **kwargs)

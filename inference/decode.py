@@ -17,6 +17,7 @@ execution said (token dropping would couple the rows of a batch), with no remat.
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from typing import NamedTuple
 
@@ -179,6 +180,46 @@ def _generate_jit(graphdef, state, ids_BT, lengths_B, key, *, max_new_tokens: in
   return Generation(out_BS, count_B, finished_B, steps_BNV)
 
 
+def _on_host(x):
+  """x as a numpy array, or None when its values are unknown here: traced under an outer jit, or a
+  global array spread over hosts (reading it would need every process)."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.is_fully_addressable:
+    return None
+  try:
+    return np.asarray(x)
+  except jax.errors.TracerArrayConversionError:
+    return None
+
+
+def _integer(name: str, value) -> int:
+  try:
+    return operator.index(value)  # ints and numpy ints; floats such as 2.7 are refused, not truncated
+  except TypeError:
+    raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _prng_key(seed):
+  """An int seed → a new key; a typed jax key (`jax.random.key`) passes through; anything else is an error
+  here rather than an invalid-key failure deep inside the compiled loop."""
+  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    return jax.random.key(seed)
+  if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key) and seed.shape == ():
+    return seed
+  raise ValueError(f"seed must be an integer or a jax.random.key(...), got {seed!r:.100}")
+
+
+def _check_prompt_ids(ids_BT: np.ndarray, lengths_B: np.ndarray | None, vocab: int) -> None:
+  """Every real prompt token (position < its row's length) must be an id the embedding has: the
+  embedding's jnp.take would read a negative id as another token's row and an id >= vocab as NaNs."""
+  b, t = ids_BT.shape
+  real_BT = np.ones((b, t), bool) if lengths_B is None else np.arange(t)[None, :] < lengths_B[:, None]
+  bad_BT = real_BT & ((ids_BT < 0) | (ids_BT >= vocab))
+  if bad_BT.any():
+    row, pos = np.argwhere(bad_BT)[0]
+    raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocab_size); got "
+                     f"{ids_BT[row, pos]} at [{row}, {pos}] ({int(bad_BT.sum())} out-of-range prompt tokens)")
+
+
 def generate_full(model: Transformer, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | jax.Array = 0,
                   stop_tokens=(), pad_id: int = 0, prompt_lengths=None, cache: str = "latent",
@@ -192,7 +233,10 @@ def generate_full(model: Transformer, input_ids, max_new_tokens: int, *, tempera
   if not jnp.issubdtype(ids_BT.dtype, jnp.integer):
     raise ValueError(f"input_ids must be integer token ids, got {ids_BT.dtype}")
   b, t = ids_BT.shape
+  if b < 1 or t < 1:  # an empty prompt has no last token to predict from
+    raise ValueError(f"input_ids must hold at least one prompt of at least one token, got shape {ids_BT.shape}")
   cfg = model.cfg
+  vocab = cfg.vocab_size
   if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
   if t + max_new_tokens > cfg.max_position_embeddings:
@@ -202,29 +246,40 @@ def generate_full(model: Transformer, input_ids, max_new_tokens: int, *, tempera
                   stacklevel=2)
   if cache not in KINDS:
     raise ValueError(f"unknown cache {cache!r}; expected one of {KINDS}")
+  # Values are checked on the host when they are concrete; traced (under an outer jit) they cannot be.
+  host_lengths = None
   if prompt_lengths is None:
     lengths_B = jnp.full((b,), t, jnp.int32)
   else:
     lengths_B = jnp.asarray(prompt_lengths, jnp.int32)
     if lengths_B.shape != (b,):
       raise ValueError(f"prompt_lengths must have shape ({b},), got {lengths_B.shape}")
-    try:
-      host_lengths = np.asarray(prompt_lengths)
-    except jax.errors.TracerArrayConversionError:  # traced under an outer jit: cannot check here
-      host_lengths = None
+    host_lengths = _on_host(prompt_lengths)
+    if host_lengths is not None and not np.issubdtype(host_lengths.dtype, np.integer):
+      raise ValueError(f"prompt_lengths must be integers, got {host_lengths}")
     if host_lengths is not None and not np.all((host_lengths >= 1) & (host_lengths <= t)):
       raise ValueError(f"prompt_lengths must lie in [1, {t}], got {host_lengths}")
-  stop_tokens = tuple(int(s) for s in np.asarray(stop_tokens, np.int64).reshape(-1))
-  key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed  # else already a key
-  sampling_cfg = sampling.SamplingConfig(
-      temperature=float(temperature), top_k=top_k or 0, top_p=1.0 if top_p is None else float(top_p),
-      repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty))
+  host_ids = _on_host(input_ids)
+  if host_ids is not None and (prompt_lengths is None or host_lengths is not None):
+    _check_prompt_ids(host_ids, host_lengths, vocab)
+  stop_tokens = tuple(_integer("stop_tokens", s)
+                      for s in np.asarray(() if stop_tokens is None else stop_tokens, object).reshape(-1))
+  for s in stop_tokens:
+    if not 0 <= s < vocab:  # a stop token out of range could never be sampled: the row would never stop
+      raise ValueError(f"stop_tokens must be token ids in [0, {vocab}) (the model's vocab_size), got {s}")
+  pad_id = _integer("pad_id", pad_id)
+  if not -2**31 <= pad_id < 2**31:  # negative ids are fine: a marker no token has (tests use -1)
+    raise ValueError(f"pad_id must fit int32, got {pad_id}")
+  key = _prng_key(seed)
+  sampling_cfg = sampling.SamplingConfig(  # checks each setting's range, naming it
+      temperature=temperature, top_k=0 if top_k is None else top_k, top_p=1.0 if top_p is None else top_p,
+      repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty)
   execution = _inference(execution)
   execution.check(cfg)
   graphdef, state = nnx.split(model)
   return _generate_jit(graphdef, state, ids_BT.astype(jnp.int32), lengths_B, key,
                        max_new_tokens=int(max_new_tokens), cfg=sampling_cfg, stop_tokens=stop_tokens,
-                       pad_id=int(pad_id), kind=cache, output_logits=bool(output_logits), execution=execution)
+                       pad_id=pad_id, kind=cache, output_logits=bool(output_logits), execution=execution)
 
 
 def generate(model: Transformer, input_ids, max_new_tokens: int, **kwargs) -> jax.Array:

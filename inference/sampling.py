@@ -8,6 +8,7 @@ jit-friendly; the settings live in a frozen, hashable `SamplingConfig` (a static
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,19 +22,36 @@ class SamplingConfig:
   repetition_penalty: float = 1.0  # 1: off; transformers' RepetitionPenaltyLogitsProcessor semantics
 
   def __post_init__(self):
-    if not self.temperature >= 0:
+    temperature, top_k, top_p, penalty = (_finite(n, getattr(self, n)) for n in
+                                          ("temperature", "top_k", "top_p", "repetition_penalty"))
+    if not temperature >= 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if int(self.top_k) != self.top_k or self.top_k < 0:
+    if not top_k.is_integer() or top_k < 0:
       raise ValueError(f"top_k must be a non-negative integer, got {self.top_k}")
-    if not 0 < self.top_p <= 1:
+    if not 0 < top_p <= 1:
       raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-    if not self.repetition_penalty > 0:
+    if not penalty > 0:
       raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-    object.__setattr__(self, "top_k", int(self.top_k))  # lax.top_k needs a Python int
+    # Plain Python numbers: lax.top_k needs an int, and a jax scalar is no hashable static jit argument.
+    for name, value in (("temperature", temperature), ("top_k", int(top_k)), ("top_p", top_p),
+                        ("repetition_penalty", penalty)):
+      object.__setattr__(self, name, value)
 
   @property
   def greedy(self) -> bool:
     return self.temperature == 0
+
+
+def _finite(name: str, value) -> float:
+  """`value` as a float; a ValueError naming the setting for strings, None, NaN and ±inf (an infinite
+  temperature or penalty would flatten the logits into noise rather than fail)."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = math.nan
+  if isinstance(value, (str, bytes)) or not math.isfinite(number):
+    raise ValueError(f"{name} must be a finite number, got {value!r}")
+  return number
 
 
 def token_presence(ids_BT, vocab_size: int, valid_BT=None):

@@ -61,6 +61,16 @@ class StdlibCorpusTest(absltest.TestCase):
     self.assertLen(paths, len(expected))
     self.assertEqual(set(paths), expected)
 
+  def test_read_utf8_skips_files_that_are_no_text(self):
+    tmp = self.enter_context(tempfile.TemporaryDirectory())
+    cases = {b"x = 1\n\f\ny = 2\n": "x = 1\n\f\ny = 2\n", b"x = '\0'\n": None,
+             b"\x01\x02\x03 = 1\n": None, b" \n": None, b"x = '\xe9'\n": None}
+    for i, (data, expected) in enumerate(cases.items()):
+      path = os.path.join(tmp, f"m{i}.py")
+      with open(path, "wb") as f:
+        f.write(data)
+      self.assertEqual(stdlib_corpus.read_utf8(path), expected, data)
+
   def test_splits_are_disjoint_by_file_and_follow_the_hash(self):
     paths = {s: [ds[i]["path"].decode() for i in range(len(ds))] for s, ds in self.splits.items()}
     self.assertGreater(len(paths["train"]), 300)

@@ -64,6 +64,35 @@ class TextFilesTest(absltest.TestCase):
     keys = {k for k, _ in _examples(builder, "train") + _examples(builder, "validation")}
     self.assertEqual(keys, {f"file{i:03d}.txt" for i in range(0, 40, 2)})
 
+  def test_skip_reason(self):
+    self.assertIsNone(text_files.skip_reason("def f():\n\tpass\r\n\f\n"))  # tab, CR, LF, FF are text
+    self.assertIsNone(text_files.skip_reason("a" * 90 + "\x1b" * 10))  # 10 % controls: still text
+    self.assertEqual(text_files.skip_reason("a" * 89 + "\x1b" * 11), "control characters")
+    self.assertEqual(text_files.skip_reason("a\0" + "a" * 1000), "NUL")  # one NUL is enough
+    self.assertEqual(text_files.skip_reason(" \n\t"), "empty")
+
+  def test_skips_empty_and_binary_documents_with_a_logged_count(self):
+    corpus = self._tmp()
+    files = {"good.txt": b"plain text\n", "nul.txt": b"\0" * 64, "controls.txt": b"ab\x01\x02" * 16,
+             "escapes.txt": b"\x1b[1mbold\x1b[0m and a long enough run of plain text to stay below 10 %",
+             "records.jsonl": b"\n".join([b'{"text": "fine"}', b'{"text": ""}', b'{"text": "  \\n "}',
+                                          b'{"text": "x\\u0000y"}', b'{"text": "\\u0007\\u0007\\u0007ab"}'])}
+    for name, data in files.items():
+      with open(os.path.join(corpus, name), "wb") as f:
+        f.write(data)
+    with self.assertLogs(level="WARNING") as logs:
+      builder = _build(corpus, self._tmp())
+    keys = {k for k, _ in _examples(builder, "train") + _examples(builder, "validation")}
+    self.assertEqual(keys, {"good.txt", "escapes.txt", "records.jsonl:1"})
+    self.assertIn("skipped 6 documents (2 NUL, 2 control characters, 2 empty)", "\n".join(logs.output))
+
+  def test_not_utf8_jsonl_names_file_and_line(self):
+    bad = self._tmp()
+    with open(os.path.join(bad, "bad.jsonl"), "wb") as f:
+      f.write(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # latin-1, not UTF-8
+    with self.assertRaisesRegex(ValueError, r"bad\.jsonl:2: not valid UTF-8 \(byte 0xe9 at byte 14 of the line\)"):
+      _build(bad, self._tmp())
+
   def test_config_fingerprint_follows_the_files(self):
     before = text_files.make_config(self.corpus).name
     self.assertEqual(text_files.make_config(self.corpus).name, before)

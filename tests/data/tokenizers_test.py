@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import tempfile
 
 from absl.testing import absltest
@@ -56,6 +57,46 @@ class TokenizersTest(parameterized.TestCase):
     self.assertEqual(tok.encode(TEXTS[2]), self.toks[name].encode(TEXTS[2]))
     self.assertEqual((tok.pad_id, tok.eos_id, tok.bos_id),
                      (self.toks[name].pad_id, self.toks[name].eos_id, self.toks[name].bos_id))
+
+  @parameterized.parameters("byte", "sentencepiece", "hf")
+  def test_text_never_encodes_to_special_ids(self, name):
+    """Packed documents are masked by segment, not by id: a special id inside text would be a target."""
+    tok = self.toks[name]
+    text = "a\0b <pad> <eos> <bos> </s> <s> <｜end▁of▁sentence｜>\0"
+    specials = {tok.pad_id, tok.eos_id, tok.bos_id} - {None}
+    for ids in (tok.encode(text), tok.encode_array(text.encode("utf-8")).tolist()):
+      self.assertEmpty(specials & set(ids), ids)
+    self.assertIn("<pad> <eos> <bos> </s> <s>", tok.decode(tok.encode(text)))  # kept as text
+
+  def test_byte_tokenizer_drops_nul(self):
+    tok = self.toks["byte"]
+    self.assertEqual(tok.encode("a\0b"), [97, 98])
+    np.testing.assert_array_equal(tok.encode_array(b"\0a\0\0b\0"), [97, 98])
+
+  def test_files_that_are_no_tokenizer_name_the_path(self):
+    tmp = self.enter_context(tempfile.TemporaryDirectory())
+    def write(name, data):
+      path = os.path.join(tmp, name)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "wb") as f:
+        f.write(data)
+      return path
+    for data in (b"not a protobuf \xff\xfe", b""):
+      path = write("garbage.model", data)
+      with self.subTest(data=data), self.assertRaisesRegex(
+          ValueError, re.escape(repr(path)) + " is not a SentencePiece model file"):
+        tokenizers.SentencePieceTokenizer(path)
+    for data in (b"{not json", b"[1, 2]", b'{"version": "1.0"}', b"\xff\xfe{}"):
+      path = write("bad/tokenizer.json", data)
+      with self.subTest(data=data), self.assertRaisesRegex(
+          ValueError, re.escape(repr(path)) + " is not a (valid )?tokenizer.json"):
+        tokenizers.HFTokenizer(os.path.dirname(path))
+    with open(os.path.join(self.tmp, "hf", "tokenizer.json"), "rb") as f:
+      write("bad_config/tokenizer.json", f.read())
+    for data, message in ((b"{bad", "is not a JSON file"), (b"[]", "must hold a JSON object, got list")):
+      path = write("bad_config/tokenizer_config.json", data)
+      with self.subTest(data=data), self.assertRaisesRegex(ValueError, re.escape(repr(path)) + " " + message):
+        tokenizers.HFTokenizer(os.path.dirname(path))
 
   def test_byte_tokenizer_ids(self):
     tok = self.toks["byte"]

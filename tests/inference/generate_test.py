@@ -1,5 +1,7 @@
 """generate(): stop tokens, seeds, repetition penalty inside the compiled loop, argument checks."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -89,6 +91,58 @@ class GenerateTest(chex.TestCase):
       inference.generate(self.model, self.ids[0], 2)
     with self.assertRaisesRegex(ValueError, "top_p"):
       inference.generate(self.model, self.ids, 2, temperature=1.0, top_p=0.0)
+
+  def test_rejects_empty_prompts(self):
+    for shape in ((B, 0), (0, T)):
+      with self.assertRaisesRegex(ValueError, rf"at least one prompt of at least one token, got shape "
+                                              rf"{re.escape(str(shape))}"):
+        inference.generate(self.model, np.zeros(shape, np.int32), 2)
+
+  def test_rejects_prompt_ids_outside_the_vocab(self):
+    v = self.cfg.vocab_size
+    for bad in (-1, v, v + 1000):
+      ids = self.ids.copy()
+      ids[1, 3] = bad
+      with self.assertRaisesRegex(ValueError,
+                                  rf"input_ids must be token ids in \[0, {v}\).*got {bad} at \[1, 3\]"):
+        inference.generate(self.model, ids, 2)
+    # Only real prompt tokens count: the padding after a row's length may hold anything.
+    ids = self.ids.copy()
+    ids[0, 3:] = -1
+    with self.assertRaisesRegex(ValueError, r"got -1 at \[0, 3\]"):
+      inference.generate(self.model, ids, 2, prompt_lengths=[4, T])
+    out = np.asarray(inference.generate(self.model, ids, N, repetition_penalty=PENALTY, prompt_lengths=[3, T]))
+    np.testing.assert_array_equal(out[1], self.penalised[1])  # the full-length row is unchanged
+
+  def test_rejects_bad_stop_tokens_pad_id_and_sampling_settings(self):
+    v = self.cfg.vocab_size
+    cases = [
+        (dict(stop_tokens=(1, v)), rf"stop_tokens must be token ids in \[0, {v}\).*got {v}$"),
+        (dict(stop_tokens=[-1]), r"stop_tokens must be token ids .*got -1$"),
+        (dict(stop_tokens=[2.5]), r"stop_tokens must be an integer, got 2.5$"),
+        (dict(pad_id=1.5), r"pad_id must be an integer, got 1.5$"),
+        (dict(pad_id=2**40), rf"pad_id must fit int32, got {2**40}$"),
+        (dict(temperature=-0.5), r"temperature must be >= 0, got -0.5$"),
+        (dict(temperature="hot"), r"temperature must be a finite number, got 'hot'$"),
+        (dict(temperature=float("inf")), r"temperature must be a finite number, got inf$"),
+        (dict(top_k=-1), r"top_k must be a non-negative integer, got -1$"),
+        (dict(top_k=float("inf")), r"top_k must be a finite number, got inf$"),
+        (dict(temperature=1.0, top_p=1.5), r"top_p must lie in \(0, 1\], got 1.5$"),
+        (dict(top_p=float("nan")), r"top_p must be a finite number, got nan$"),
+        (dict(repetition_penalty=0), r"repetition_penalty must be > 0, got 0$"),
+        (dict(seed=1.5), r"seed must be an integer or a jax.random.key\(...\), got 1.5$"),
+        (dict(seed=jax.random.key_data(jax.random.key(0))), r"seed must be an integer or a jax.random.key"),
+    ]
+    for kwargs, message in cases:
+      with self.subTest(**kwargs), self.assertRaisesRegex(ValueError, message):
+        inference.generate(self.model, self.ids, 2, **kwargs)
+
+  def test_values_traced_under_an_outer_jit_are_not_checked(self):
+    """Traced prompts and lengths have no values to check on the host; their shapes still are."""
+    run = jax.jit(lambda ids, lengths: inference.generate(self.model, ids, 2, prompt_lengths=lengths))
+    chex.assert_shape(run(jnp.asarray(self.ids), jnp.asarray([3, T])), (B, T + 2))
+    with self.assertRaisesRegex(ValueError, "at least one prompt"):
+      jax.jit(lambda ids: inference.generate(self.model, ids, 2))(jnp.zeros((B, 0), jnp.int32))
 
 
 if __name__ == "__main__":

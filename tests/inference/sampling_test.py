@@ -1,6 +1,9 @@
 """Sampling: greedy at temperature 0, exact top-k / top-p supports, transformers' repetition penalty,
 seeded reproducibility. Supports are checked empirically: many draws on fixed logits."""
 
+import dataclasses
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -114,6 +117,22 @@ class SamplingTest(chex.TestCase, parameterized.TestCase):
         SamplingConfig(**bad)
     with self.assertRaisesRegex(ValueError, "tokens seen so far"):
       sampling.process_logits(jnp.zeros((1, 4)), SamplingConfig(repetition_penalty=1.2))
+
+  def test_non_numbers_and_non_finite_settings_name_the_setting(self):
+    for name, bad in (("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "0.5"),
+                      ("temperature", None), ("top_k", float("inf")), ("top_k", float("nan")),
+                      ("top_p", float("nan")), ("repetition_penalty", float("inf"))):
+      with self.subTest(name=name, bad=bad), self.assertRaisesRegex(
+          ValueError, rf"^{name} must be a finite number, got {re.escape(repr(bad))}$"):
+        SamplingConfig(**{name: bad})
+
+  def test_settings_become_plain_python_numbers(self):
+    """numpy / jax scalars are stored as float / int, so the config stays a hashable static jit argument."""
+    cfg = SamplingConfig(temperature=np.float32(0.5), top_k=np.int64(3), top_p=jnp.float32(0.5),
+                         repetition_penalty=2)
+    self.assertEqual(cfg, SamplingConfig(0.5, 3, 0.5, 2.0))
+    self.assertEqual(hash(cfg), hash(SamplingConfig(0.5, 3, 0.5, 2.0)))
+    self.assertEqual([type(v) for v in dataclasses.astuple(cfg)], [float, int, float, float])
 
 
 if __name__ == "__main__":
