@@ -11,9 +11,10 @@ WORKDIR/eval/results_<step>.json and TensorBoard events in WORKDIR/eval (--outpu
 """
 
 import os
+import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF DeepSeek checkpoint directory with tokenizer.json.")
@@ -38,11 +39,38 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sample mode: sampling seed.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2, "Sample mode: completions to print.")
 
 
+def _flag_problems() -> list[str]:
+  from evaluation import tasks
+  problems = []
+  unknown = sorted(set(_TASKS.value) - set(tasks.TASKS))
+  if unknown:
+    problems.append(f"unknown --tasks {unknown}; known: {sorted(tasks.TASKS)}")
+  for name in ("task_examples", "task_batch_size", "num_samples", "max_new_tokens", "seq_len", "batch_size"):
+    if flags.FLAGS[name].value < 1:
+      problems.append(f"--{name} must be >= 1, got {flags.FLAGS[name].value}")
+  if _EVAL_BATCHES.value is not None and _EVAL_BATCHES.value < 0:
+    problems.append(f"--eval_batches must be >= 0 (0: the whole split), got {_EVAL_BATCHES.value}")
+  if not 0 <= _TEMPERATURE.value < float("inf"):
+    problems.append(f"--temperature must be >= 0 (0: greedy), got {_TEMPERATURE.value}")
+  if not 0 < _TOP_P.value <= 1:
+    problems.append(f"--top_p must lie in (0, 1] (1: off), got {_TOP_P.value}")
+  if _TOP_K.value < 0:
+    problems.append(f"--top_k must be >= 0 (0: off), got {_TOP_K.value}")
+  if not 0 < _REPETITION.value < float("inf"):
+    problems.append(f"--repetition_penalty must be > 0 (1: off), got {_REPETITION.value}")
+  return problems
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if bool(_WORKDIR.value) == bool(_HF_DIR.value):
     raise app.UsageError("pass exactly one of --workdir and --hf_dir")
+  problems = _flag_problems()  # before anything loads or runs
+  if problems:
+    sys.exit("eval.py: " + "; ".join(problems))
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and grain INFO lines would bury the results
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize()
   jax.config.update("jax_threefry_partitionable", True)

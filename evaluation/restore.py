@@ -13,7 +13,6 @@ gives them, so a model restores on any device count its mesh config resolves to.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -29,20 +28,12 @@ import sharding
 from configs import common
 from data import pipeline
 from data import tokenizers
+from training import workdir as workdir_lib
 from training.state import ModelDef
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json as a run ConfigDict: `model` for `models.from_dict`, `execution` for
-  `sharding.make_execution`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir (train.py --workdir)?")
-  with open(path) as f:
-    raw = json.load(f)
-  if "execution" not in raw:  # the layout before models.Execution: execution fields inside `model`
-    model = raw.get("model", {})
-    raw["execution"] = {k: model.pop(k) for k in models.EXECUTION_FIELDS if k in model}
-  return ml_collections.ConfigDict(raw)
+  """WORKDIR/config.json as a run ConfigDict (training.workdir.read_run_config; old layouts too)."""
+  return workdir_lib.read_run_config(workdir)
 
 
 def eval_mesh(config) -> jax.sharding.Mesh:
@@ -106,6 +97,14 @@ def restore_params(checkpoint_dir: str, model_cfg: models.ModelConfig, mesh, *, 
     state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
   finally:
     manager.close()
+  # A partial restore leaves every parameter the checkpoint lacks as its abstract placeholder: the
+  # checkpoint holds another model than config.json describes.
+  missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+             if not isinstance(leaf, jax.Array)]
+  if missing:
+    raise models.CheckpointError(
+        f"checkpoint {step} in {checkpoint_dir} lacks {len(missing)} of the parameters the run's config "
+        f"describes (e.g. {', '.join(missing[:3])}): it holds a different model")
   return modeldef.merge(state["params"], state["router_bias"]), int(step)
 
 

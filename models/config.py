@@ -68,12 +68,16 @@ class ModelConfig:
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
+    problems = _type_problems(self)
+    if problems:  # the checks below would trip over a wrong type: report the types first
+      raise ValueError("ModelConfig: " + "; ".join(problems))
     for key in _DTYPE_FIELDS:  # one canonical form ("bfloat16", jnp.bfloat16 → dtype) for ==, hash, to_dict
       object.__setattr__(self, key, jnp.dtype(getattr(self, key)))
+    problems = _range_problems(self)
 
     def need(ok, msg):
       if not ok:
-        raise ValueError(f"ModelConfig: {msg}")
+        problems.append(msg)
 
     need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
     need(0 <= self.first_k_dense <= self.num_layers, "first_k_dense must lie in [0, num_layers]")
@@ -81,20 +85,32 @@ class ModelConfig:
       need(self.n_group >= 1 and self.topk_group >= 1, f"n_group ({self.n_group}) and topk_group "
            f"({self.topk_group}) must be >= 1 (1 = no group-limited routing)")
       need(self.n_routed_experts > 0, "MoE layers need n_routed_experts > 0")
+      need(self.moe_intermediate_size > 0, "MoE layers need moe_intermediate_size > 0")
       need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
-           f"top-k {self.num_experts_per_tok} must be in [1, n_routed_experts={self.n_routed_experts}]")
-      need(self.n_routed_experts % self.n_group == 0,
-           f"n_routed_experts {self.n_routed_experts} not divisible by n_group {self.n_group}")
-      need(1 <= self.topk_group <= self.n_group, "topk_group must be in [1, n_group]")
-      need(self.topk_group * (self.n_routed_experts // self.n_group) >= self.num_experts_per_tok,
-           "the kept groups hold fewer experts than top-k")
-      if self.n_group > 1 and self.group_score == "top2_sum":
-        need(self.n_routed_experts // self.n_group >= 2, "top2_sum group score needs >= 2 experts per group")
+           f"num_experts_per_tok (top-k) {self.num_experts_per_tok} must be in [1, n_routed_experts="
+           f"{self.n_routed_experts}]")
+      if self.n_group >= 1 and self.topk_group >= 1:
+        need(self.n_routed_experts % self.n_group == 0,
+             f"n_routed_experts {self.n_routed_experts} not divisible by n_group {self.n_group}")
+        need(1 <= self.topk_group <= self.n_group, "topk_group must be in [1, n_group]")
+        need(self.topk_group * (self.n_routed_experts // self.n_group) >= self.num_experts_per_tok,
+             "the kept groups hold fewer experts than top-k (topk_group × experts per group < "
+             "num_experts_per_tok)")
+        if self.n_group > 1 and self.group_score == "top2_sum":
+          need(self.n_routed_experts // self.n_group >= 2, "top2_sum group score needs >= 2 experts per group")
+    if self.first_k_dense:
+      need(self.dense_intermediate_size > 0, "dense layers need dense_intermediate_size > 0")
     need(self.score_func in ("sigmoid", "softmax"), f"unknown score_func {self.score_func!r}")
+    need(self.group_score in ("top2_sum", "max"), f"unknown group_score {self.group_score!r}")
     need(self.rope_type in ("default", "yarn"), f"unsupported rope_type {self.rope_type!r}")
     if self.rope_type == "yarn":
       need(self.original_max_position_embeddings, "YaRN needs original_max_position_embeddings")
-    need(self.mtp_depth in (0, 1), "only MTP depth 0 or 1 is implemented")
+    need(self.mtp_depth in (0, 1), "only MTP depth 0 or 1 is implemented (mtp_depth)")
+    for key in _DTYPE_FIELDS:
+      need(jnp.issubdtype(getattr(self, key), jnp.floating), f"{key} must be a floating dtype, got "
+           f"{getattr(self, key).name}")
+    if problems:
+      raise ValueError("ModelConfig: " + "; ".join(problems))
 
   @property
   def qk_head_dim(self) -> int:
@@ -129,6 +145,62 @@ class ModelConfig:
     return d
 
 
+_DTYPE_FIELDS = ("dtype", "param_dtype")
+# Smallest value of each numeric field (None fields skip it); the architecture checks then see sane numbers.
+_AT_LEAST_ONE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "q_lora_rank", "kv_lora_rank",
+                 "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "original_max_position_embeddings")
+_POSITIVE = ("rope_theta", "rope_factor", "rms_norm_eps", "latent_norm_eps", "init_std", "routed_scaling_factor",
+             "beta_fast", "beta_slow", "rope_attention_factor")
+
+
+def _type_problems(cfg: ModelConfig) -> list[str]:
+  """Each field against its annotation: ints are ints (not bools or strings), floats finite numbers,
+  bools bools, dtypes names numpy knows."""
+  problems = []
+  for f in dataclasses.fields(cfg):
+    value, kind = getattr(cfg, f.name), str(f.type)
+    if value is None and "None" in kind:
+      continue
+    if kind.startswith("int"):
+      ok = isinstance(value, int) and not isinstance(value, bool)
+      what = "an integer"
+    elif kind.startswith("float"):
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+      what = "a finite number"
+    elif kind == "bool":
+      ok, what = isinstance(value, bool), "true or false"
+    elif f.name in _DTYPE_FIELDS:
+      try:
+        jnp.dtype(value)
+        ok = True
+      except TypeError:
+        ok = False
+      what = "a dtype name such as 'bfloat16' or 'float32'"
+    else:
+      continue
+    if not ok:
+      problems.append(f"{f.name} must be {what}, got {value!r}")
+  return problems
+
+
+def _range_problems(cfg: ModelConfig) -> list[str]:
+  problems = []
+  for name in _AT_LEAST_ONE:
+    value = getattr(cfg, name)
+    if value is not None and value < 1:
+      problems.append(f"{name} must be >= 1, got {value}")
+  for name in _POSITIVE:
+    value = getattr(cfg, name)
+    if value is not None and value <= 0:
+      problems.append(f"{name} must be > 0, got {value}")
+  for name in ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
+               "dense_intermediate_size", "num_experts_per_tok", "first_k_dense", "mtp_depth", "mscale",
+               "mscale_all_dim"):
+    if getattr(cfg, name) < 0:
+      problems.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
+  return problems
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
   """YaRN's attention temperature correction 0.1·m·ln(s) + 1 (1 when not extending)."""
   if factor <= 1:
@@ -136,16 +208,10 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
   return 0.1 * mscale * math.log(factor) + 1.0
 
 
-_DTYPE_FIELDS = ("dtype", "param_dtype")
-
-
 def from_dict(d: dict) -> ModelConfig:
   """Builds a ModelConfig from a plain mapping (`ModelConfig.to_dict()`, a config file's
   `config.model.to_dict()`); dtypes may be names ("bfloat16") or dtypes. Unknown fields are errors."""
   d = dict(d)
-  for key in _DTYPE_FIELDS:
-    if key in d:
-      d[key] = jnp.dtype(d[key])
   names = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(d) - names)
   if unknown:

@@ -65,8 +65,9 @@ class Execution:
   def __post_init__(self):
     if self.moe_backend not in MOE_BACKENDS:
       raise ValueError(f"unknown moe_backend {self.moe_backend!r}; expected one of {MOE_BACKENDS}")
-    if not self.capacity_factor > 0:
-      raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+    factor = self.capacity_factor
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+      raise ValueError(f"capacity_factor must be a number > 0, got {factor!r}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     if self.remat_policy not in REMAT_POLICIES:

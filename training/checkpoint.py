@@ -7,6 +7,8 @@ uninterrupted run would). Saves are asynchronous; a checkpoint is only visible o
 
 from __future__ import annotations
 
+import contextlib
+import logging as py_logging
 import os
 import sys
 import time
@@ -41,20 +43,65 @@ def _ignore_abandoned_reads() -> None:
   sys.unraisablehook = hook
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions, ...); says which and what is left."""
+
+
+class _OrbaxTracebacks(py_logging.Filter):
+  """Orbax logs each failure of its background save threads at ERROR with a traceback, several times
+  over (one per thread and stage): hundreds of lines for one full disk. Keep its one-line messages;
+  the traceback that matters is re-raised once, as a CheckpointSaveError."""
+
+  def filter(self, record):
+    if record.exc_info and "orbax" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_orbax_tracebacks() -> None:
+  logger = py_logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxTracebacks) for f in logger.filters):
+    logger.addFilter(_OrbaxTracebacks())
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, keep: int, *, async_save: bool = True):
+    _quiet_orbax_tracebacks()
     self.directory = os.path.abspath(directory)
+    self._pending = None  # step of a save that may still be running in the background
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                         "data": grain.checkpoint.CheckpointHandler()})
 
+  @contextlib.contextmanager
+  def _saving(self, step: int | None):
+    """Turns a failed (possibly earlier, asynchronous) save into one CheckpointSaveError line."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - whatever broke the write, the run cannot go on safely
+      failed = self._pending if self._pending is not None else step
+      self._pending = None
+      cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      hint = " (disk full?)" if "RESOURCE_EXHAUSTED" in cause or "No space left" in cause else ""
+      try:
+        self.manager.reload()
+        latest = self.manager.latest_step()
+      except Exception:  # noqa: BLE001 - the directory itself may be gone
+        latest = None
+      newest = f"step {latest}" if latest is not None else "none"
+      raise CheckpointSaveError(f"saving checkpoint {failed} to {self.directory} failed{hint}: {cause}. The "
+                                f"newest complete checkpoint is {newest}.") from None
+
   def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=grain.checkpoint.CheckpointSave(data_iterator))
-    return self.manager.save(step, args=args, force=force)
+    with self._saving(step):
+      saved = self.manager.save(step, args=args, force=force)  # also waits for the previous save
+    self._pending = step if saved else self._pending
+    return saved
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -104,11 +151,15 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._saving(None):
+      self.manager.wait_until_finished()
+    self._pending = None
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def abstract_with_shardings(abstract_state, shardings):

@@ -24,6 +24,7 @@ from training import eval as eval_lib
 from training import metrics as metrics_lib
 from training import optimizer as optim_lib
 from training import step as step_lib
+from training import workdir as workdir_lib
 from training.state import ModelDef, TrainState, init_state
 from training.validate import validate_run
 
@@ -43,11 +44,25 @@ def train_state_shardings(abstract_state: TrainState, modeldef: ModelDef, mesh, 
                     opt_state=sharding.tree_shardings_like(params, abstract_state.opt_state, mesh))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the last metrics."""
+def train_and_evaluate(config, workdir: str, *, start_over: bool = False) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the last metrics.
+
+  The workdir is locked for the run; resuming must keep the model and tokenizer its config.json
+  records, and a workdir with a history but no checkpoint needs start_over (training/workdir.py)."""
   jax.config.update("jax_threefry_partitionable", True)
-  model_cfg = models.from_dict(config.model.to_dict())
-  mesh, execution = validate_run(config, model_cfg, workdir)
+  model_cfg, mesh, execution = validate_run(config, workdir)
+  lock = workdir_lib.Lock(workdir)
+  if jax.process_index() == 0:
+    lock.acquire()
+  try:
+    if jax.process_index() == 0:
+      workdir_lib.check_resume(workdir, config, model_cfg, start_over=start_over)
+    return _train(config, model_cfg, mesh, execution, workdir)
+  finally:
+    lock.release()
+
+
+def _train(config, model_cfg, mesh, execution, workdir: str) -> dict:
   tokenizer = pipeline.make_tokenizer(config.data)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer vocabulary {tokenizer.vocab_size} exceeds model vocab_size {model_cfg.vocab_size}")
@@ -77,9 +92,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if state is None:
       start = 0
       state = jax.jit(init_fn, out_shardings=state_shardings)()
-      logging.info("initialised a fresh model in %s", workdir)
+      _say(is_main, f"initialised a fresh model in {workdir}")
     else:
-      logging.info("resumed from the checkpoint at step %d in %s", start, workdir)
+      _say(is_main, f"resumed from the checkpoint at step {start} in {workdir}")
     train_step = jax.jit(step_lib.make_train_step(modeldef, tx, schedule, config, execution),
                          in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, None), donate_argnums=(0,))
@@ -87,6 +102,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         in_shardings=(state_shardings, batch_sharding))
     return _loop(config, model_cfg, workdir, flops_per_token, state, start, train_iter, train_step, eval_step,
                  checkpointer, batch_sharding, is_main)
+
+
+def _close_quietly(checkpointer) -> None:
+  try:
+    checkpointer.close()
+  except Exception as e:  # noqa: BLE001 - secondary to the error being raised
+    logging.warning("while stopping after an error: %s", e)
+
+
+def _say(is_main: bool, line: str) -> None:
+  """A line of the run's own story: on the console (third-party INFO logs stay off it) and in the log."""
+  logging.info(line)
+  if is_main:
+    print(line, flush=True)
 
 
 def _write_run_config(config, model_cfg: models.ModelConfig, workdir: str) -> None:
@@ -147,12 +176,17 @@ def _loop(config, model_cfg, workdir, flops_per_token, state, start, train_iter,
       if step % config.checkpoint_every == 0 or final or stop["signal"]:
         check(step_metrics, step)
         checkpointer.save(step, state, train_iter, force=True)
+        _say(is_main, f"step {step}: checkpointing to {checkpointer.directory}/{step}")
         last_good_ckpt = step
       if stop["signal"]:
         logging.warning("received signal %s: checkpointed step %d and stopping", stop["signal"], step)
         break
+  except BaseException:
+    _close_quietly(checkpointer)  # the error in flight is the one to report
+    raise
+  else:
+    checkpointer.close()  # the last save must land before the run reports success
   finally:
-    checkpointer.close()
     writer.close()
     signal.signal(signal.SIGTERM, previous_handler)
   if is_main and scalars:  # a rerun of a finished run trains nothing: keep its final metrics

@@ -9,40 +9,56 @@ import jax
 
 import models
 import sharding
-from training import memory
+from training import config_check, memory
 
 
-def validate_run(config, model_cfg: models.ModelConfig, workdir: str) -> tuple[jax.sharding.Mesh, models.Execution]:
-  """Returns the mesh and the run's execution on it. Raises ValueError naming the problem for an
-  invalid run."""
-  if config.seq_len > model_cfg.max_position_embeddings:
-    raise ValueError(f"seq_len {config.seq_len} exceeds the model's max_position_embeddings "
-                     f"{model_cfg.max_position_embeddings}")
-  if config.seq_len < 3:
-    raise ValueError(f"seq_len must be at least 3, got {config.seq_len}")
-  if config.total_steps < 1:
-    raise ValueError(f"total_steps must be >= 1, got {config.total_steps}")
-  for name in ("log_every", "checkpoint_every"):
-    if config[name] < 1:
-      raise ValueError(f"{name} must be >= 1, got {config[name]}")
-  if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum_steps "
-                     f"{config.grad_accum_steps}")
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by the {jax.process_count()} processes")
-  mesh = sharding.make_mesh(config.mesh)
+def validate_run(config, workdir: str) -> tuple[models.ModelConfig, jax.sharding.Mesh, models.Execution]:
+  """(model config, mesh, execution) of a valid run. Raises one ValueError listing every problem found
+  in the run fields, the model, the mesh and the execution, before anything is built."""
+  problems = config_check.run_config_problems(config)
+  try:
+    model_cfg = models.from_dict(config.model.to_dict())
+  except (ValueError, TypeError) as e:
+    problems.append(f"model: {e}")
+    model_cfg = None
+  if model_cfg is not None and _is_int(config.seq_len) and config.seq_len > model_cfg.max_position_embeddings:
+    problems.append(f"seq_len {config.seq_len} exceeds the model's max_position_embeddings "
+                    f"{model_cfg.max_position_embeddings}")
+  if _is_int(config.batch_size) and _is_int(config.grad_accum_steps) and config.grad_accum_steps >= 1 \
+      and config.batch_size % config.grad_accum_steps:
+    problems.append(f"batch_size {config.batch_size} is not divisible by grad_accum_steps "
+                    f"{config.grad_accum_steps}")
+  if _is_int(config.batch_size) and config.batch_size % jax.process_count():
+    problems.append(f"batch_size {config.batch_size} is not divisible by the {jax.process_count()} processes")
+  mesh = execution = None
   rules = config.get("sharding_rules")
-  sharding.validate(model_cfg, mesh, rules=rules)
-  execution = sharding.make_execution(config.get("execution"), mesh, rules)
-  execution.check(model_cfg, platform=mesh.devices.flat[0].platform)
-  batch_shards = sharding.batch_shards(mesh, rules)
-  micro = config.batch_size // config.grad_accum_steps
-  if micro % batch_shards:
-    raise ValueError(f"the microbatch of {micro} sequences does not split over the {batch_shards} batch "
-                     f"shards ({' x '.join(sharding.batch_axes(rules))}) of the mesh {dict(mesh.shape)}")
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    if model_cfg is not None:
+      sharding.validate(model_cfg, mesh, rules=rules)
+  except ValueError as e:
+    problems.append(str(e))
+  if mesh is not None and model_cfg is not None and not any(p.startswith("execution") for p in problems):
+    try:
+      execution = sharding.make_execution(config.get("execution"), mesh, rules)
+      execution.check(model_cfg, platform=mesh.devices.flat[0].platform)
+    except ValueError as e:
+      problems.append(f"execution: {e}")
+  if mesh is not None and not problems:
+    batch_shards = sharding.batch_shards(mesh, rules)
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % batch_shards:
+      problems.append(f"the microbatch of {micro} sequences does not split over the {batch_shards} batch "
+                      f"shards ({' x '.join(sharding.batch_axes(rules))}) of the mesh {dict(mesh.shape)}")
+  if problems:
+    raise ValueError("invalid run config:\n  " + "\n  ".join(problems))
   _check_workdir(workdir)
   memory.check_fits(memory.plan_memory(config, model_cfg, dict(mesh.shape)), memory.device_memory_bytes())
-  return mesh, execution
+  return model_cfg, mesh, execution
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_workdir(workdir: str):

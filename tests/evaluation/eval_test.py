@@ -109,6 +109,21 @@ def test_restore_and_expert_load_stats_in_process(workdir):
       "moe/mtp/load_max": 1.5, "moe/mtp/load_min": 0.5, "moe/mtp/routing_entropy": pytest.approx(0.8112781)}
 
 
+def test_a_checkpoint_of_another_model_is_an_error(workdir, tmp_path):
+  """config.json describing more parameters than the checkpoint holds (attention biases here) used to
+  restore "fine", leaving those parameters as abstract placeholders."""
+  import models
+  from evaluation import restore
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "checkpoints").symlink_to(workdir / "checkpoints")
+  config = json.loads((workdir / "config.json").read_text())
+  config["model"]["attention_bias"] = True
+  (other / "config.json").write_text(json.dumps(config))
+  with pytest.raises(models.CheckpointError, match=r"checkpoint 6 in .* lacks \d+ of the parameters"):
+    restore.load_workdir(str(other))
+
+
 def test_workdir_written_before_the_execution_section_restores(workdir, tmp_path):
   """A committed config.json of the old layout (moe_backend & co. inside `model`) beside this run's
   checkpoints: it reads as the same model and execution, and restores the same weights."""

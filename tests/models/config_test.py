@@ -22,8 +22,9 @@ class ConfigTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("odd_rope_dim", dict(qk_rope_head_dim=7), r"qk_rope_head_dim must be even, got 7"),
-      ("top_k_above_experts", dict(num_experts_per_tok=17), r"top-k 17 must be in \[1, n_routed_experts=16\]"),
-      ("top_k_zero", dict(num_experts_per_tok=0), r"top-k 0"),
+      ("top_k_above_experts", dict(num_experts_per_tok=17),
+       r"num_experts_per_tok \(top-k\) 17 must be in \[1, n_routed_experts=16\]"),
+      ("top_k_zero", dict(num_experts_per_tok=0), r"num_experts_per_tok \(top-k\) 0"),
       ("experts_not_divisible", dict(n_group=3), r"n_routed_experts 16 not divisible by n_group 3"),
       ("topk_group_above_groups", dict(topk_group=5), r"topk_group must be in \[1, n_group\]"),
       ("kept_groups_too_small", dict(topk_group=1, num_experts_per_tok=5), r"fewer experts than top-k"),
@@ -37,10 +38,27 @@ class ConfigTest(parameterized.TestCase):
       # A zero group count is a plausible typo (HF V2 configs say n_group: null); it must be a clear
       # ValueError, not a ZeroDivisionError from the divisibility check.
       ("zero_groups", dict(n_group=0), r"n_group"),
+      ("string_for_an_int", dict(hidden_size="48"), r"hidden_size must be an integer, got '48'"),
+      ("bool_for_an_int", dict(num_layers=True), r"num_layers must be an integer, got True"),
+      ("nan_for_a_float", dict(rope_theta=float("nan")), r"rope_theta must be a finite number, got nan"),
+      ("unknown_dtype", dict(dtype="float33"), r"dtype must be a dtype name .*'float33'"),
+      ("integer_params", dict(param_dtype="int32"), r"param_dtype must be a floating dtype, got int32"),
+      ("zero_hidden", dict(hidden_size=0), r"hidden_size must be >= 1, got 0"),
+      ("zero_heads", dict(num_heads=0), r"num_heads must be >= 1, got 0"),
+      ("zero_q_lora", dict(q_lora_rank=0), r"q_lora_rank must be >= 1, got 0"),
+      ("negative_eps", dict(rms_norm_eps=-1.0), r"rms_norm_eps must be > 0, got -1.0"),
+      ("zero_theta", dict(rope_theta=0.0), r"rope_theta must be > 0, got 0.0"),
   )
   def test_bad_config_raises_helpful_value_error(self, overrides, message):
     with self.assertRaisesRegex(ValueError, message):
       tc.v3_style(**overrides)
+
+  def test_every_problem_in_one_error(self):
+    with self.assertRaises(ValueError) as ctx:
+      tc.v3_style(hidden_size=0, qk_rope_head_dim=7, score_func="relu")
+    message = str(ctx.exception)
+    for part in ("hidden_size must be >= 1", "qk_rope_head_dim must be even", "unknown score_func 'relu'"):
+      self.assertIn(part, message)
 
   def test_group_checks_skipped_without_moe_layers(self):
     cfg = tc.v3_style(num_layers=2, first_k_dense=2, mtp_depth=0, n_routed_experts=0)

@@ -14,7 +14,8 @@ class ExecutionTest(parameterized.TestCase):
       ("unknown_backend", dict(moe_backend="megablocks"), r"unknown moe_backend 'megablocks'"),
       ("unknown_remat", dict(remat_policy="offload"), r"unknown remat_policy 'offload'"),
       ("unknown_attention", dict(attention_impl="flash"), r"unknown attention_impl 'flash'"),
-      ("zero_capacity", dict(capacity_factor=0.0), r"capacity_factor must be > 0"),
+      ("zero_capacity", dict(capacity_factor=0.0), r"capacity_factor must be a number > 0, got 0.0"),
+      ("string_capacity", dict(capacity_factor="1.25"), r"capacity_factor must be a number > 0, got '1.25'"),
   )
   def test_bad_values_raise(self, fields, message):
     with self.assertRaisesRegex(ValueError, message):

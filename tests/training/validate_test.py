@@ -137,7 +137,7 @@ class ValidationTest(parameterized.TestCase):
     self.assertFailsBeforeCompiling(_config(seq_len=128), "seq_len 128 exceeds", "max_position_embeddings 64")
 
   def test_top_k_above_the_number_of_experts(self):
-    self.assertFailsBeforeCompiling(_config(**{"model.num_experts_per_tok": 9}), "top-k 9",
+    self.assertFailsBeforeCompiling(_config(**{"model.num_experts_per_tok": 9}), "num_experts_per_tok (top-k) 9",
                                     "n_routed_experts=8")
 
   def test_mesh_product_differs_from_the_device_count(self):
@@ -167,6 +167,20 @@ class ValidationTest(parameterized.TestCase):
         _config(**{"data.dataset": "text_files", "data.text_files": pattern,
                    "data.data_dir": self._tempdir()}),
         f"text_files pattern {pattern!r} matches no files")
+
+  def test_every_bad_run_field_in_one_error(self):
+    # keep_checkpoints=0 used to finish with exit 0 having deleted every checkpoint; eval_batches=-1 to
+    # fail only at the first eval; a negative learning rate to train uphill.
+    self.assertFailsBeforeCompiling(_config(keep_checkpoints=0, eval_batches=-1, **{"optim.peak_lr": -1.0}),
+                                    "keep_checkpoints = 0", "eval_batches = -1", "optim.peak_lr = -1.0")
+
+  def test_a_history_without_a_checkpoint_is_not_silently_restarted(self):
+    pathlib.Path(self.workdir, "metrics.jsonl").write_text('{"step": 1, "train/loss": 5.0}\n')
+    self.assertFailsBeforeCompiling(_config(), "has a training history", "--start_over")
+    with self.assertRaises(Compiled):  # start_over moves it aside and goes on
+      with mock.patch.object(jax, "jit", side_effect=Compiled("jax.jit was called")):
+        loop.train_and_evaluate(_config(), self.workdir, start_over=True)
+    self.assertLen(list(pathlib.Path(self.workdir).glob("previous-*/metrics.jsonl")), 1)
 
   def test_tokenizer_larger_than_the_model_vocabulary(self):
     self.assertFailsBeforeCompiling(_config(**{"model.vocab_size": 128}), "tokenizer vocabulary", "exceeds")

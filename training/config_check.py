@@ -1,0 +1,163 @@
+"""Checks of a run config's own fields, every problem listed at once, each naming the field.
+
+  problems = config_check.run_config_problems(config)     # [] when every field is in range
+  train.py: app.run(main, flags_parser=config_check.flags_parser("config"))   # unknown overrides
+
+The model section is checked by `models.ModelConfig` itself and the mesh by `sharding`; this module
+covers the run fields (steps, batch, eval, checkpoints, optimizer, loss weights, data, execution) and
+command-line overrides of fields that do not exist (`--config.optim.peak_lrr=...`), which
+ml_collections reports as a bare `AttributeError: "'peak_lrr'"`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import math
+import os
+import re
+import sys
+from typing import Any, Callable
+
+from absl import app
+
+import models
+from data import sources
+
+# field path → (check, what it must be). Missing fields are skipped (configs may predate a field).
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "total_steps": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "seq_len": (lambda v: _int(v) and v >= 3, "an integer >= 3"),
+    "grad_accum_steps": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "log_every": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "eval_every": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0: only the final eval)"),
+    "eval_batches": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0: the whole validation split)"),
+    "checkpoint_every": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "keep_checkpoints": (lambda v: _int(v) and v >= 1, "an integer >= 1 (0 would delete every checkpoint)"),
+    "peak_flops_per_device": (lambda v: _real(v) and v >= 0, "a number >= 0 (0: look up the device)"),
+    "optim.peak_lr": (lambda v: _real(v) and v > 0, "a number > 0"),
+    "optim.min_lr_ratio": (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "optim.warmup_fraction": (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "optim.decay_start_fraction": (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "optim.b1": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optim.b2": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optim.eps": (lambda v: _real(v) and v > 0, "a number > 0"),
+    "optim.weight_decay": (lambda v: _real(v) and v >= 0, "a number >= 0"),
+    "optim.clip_norm": (lambda v: _real(v) and v > 0, "a number > 0"),
+    "loss.balance_alpha": (lambda v: _real(v) and v >= 0, "a number >= 0"),
+    "loss.mtp_lambda": (lambda v: _real(v) and v >= 0, "a number >= 0"),
+    "loss.bias_update_speed": (lambda v: _real(v) and v >= 0, "a number >= 0"),
+    "data.worker_count": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "data.dataset": (lambda v: _known_dataset(v), "python_stdlib, python_stdlib/lib, python_stdlib/full or "
+                     "text_files"),
+    "data.tokenizer": (lambda v: v in ("byte", "sentencepiece", "hf"), "byte, sentencepiece or hf"),
+}
+
+
+def _int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _known_dataset(name) -> bool:
+  try:
+    sources.parse_dataset(name)
+    return True
+  except (ValueError, AttributeError, TypeError):
+    return False
+
+
+def _get(config, path: str):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
+
+
+def run_config_problems(config) -> list[str]:
+  """Every out-of-range run field, as "<field> = <value>: must be <rule>" lines."""
+  problems = []
+  for path, (ok, rule) in _RULES.items():
+    value = _get(config, path)
+    if value is not _MISSING and not ok(value):
+      problems.append(f"{path} = {value!r}: must be {rule}")
+  if "execution" in config:
+    try:
+      models.execution_from_dict(config.execution)
+    except (ValueError, TypeError) as e:
+      problems.append(f"execution: {e}")
+  return problems
+
+
+# --config.a.b=value or --config.a.b value (absl accepts both).
+_OVERRIDE = re.compile(r"^--?(?P<flag>\w+)\.(?P<path>[\w.]+)(?:=.*)?$")
+
+
+def unknown_overrides(argv: list[str], flag_name: str, config) -> list[str]:
+  """Messages for `--<flag_name>.<path>` overrides naming a field `config` does not have, with the
+  closest existing names at the level where the path leaves the config."""
+  problems = []
+  for arg in argv:
+    m = _OVERRIDE.match(arg)
+    if not m or m.group("flag") != flag_name:
+      continue
+    node, walked = config, []
+    for part in m.group("path").split("."):
+      if not hasattr(node, "keys") or part not in node:
+        choices = list(node.keys()) if hasattr(node, "keys") else []
+        where = f"{flag_name}.{'.'.join(walked)}" if walked else flag_name
+        close = difflib.get_close_matches(part, choices, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+            f"; {where} has {', '.join(sorted(choices))}" if choices else f"; {where} is not a section"
+        problems.append(f"--{flag_name}.{m.group('path')}: {where} has no field {part!r}{hint}")
+        break
+      node = node[part]
+      walked.append(part)
+  return problems
+
+
+def _load_config_file(spec: str):
+  """`path/to/config.py[:arg]` → its get_config(arg), as ml_collections' config flag loads it."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config_under_check", path)
+  if module_spec is None or module_spec.loader is None:
+    raise ValueError(f"{path} is not a Python config file")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def flags_parser(flag_name: str = "config"):
+  """An `app.run(flags_parser=...)` that first rejects overrides of fields the config file lacks,
+  all of them in one message with close-match suggestions, instead of ml_collections' traceback."""
+
+  def fail(message: str):  # the way absl reports any flag error: one message, exit status 1
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+    sys.exit(1)
+
+  def parse(argv: list[str]):
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith(f"--{flag_name}=")), None)
+    if spec is not None:
+      path = spec.partition(":")[0]
+      if not os.path.isfile(path):
+        fail(f"--{flag_name}={spec}: no config file {path!r}")
+      try:
+        config = _load_config_file(spec)
+      except Exception as e:  # noqa: BLE001 - whatever the file raised, say it in one line
+        fail(f"--{flag_name}={spec}: {type(e).__name__}: {e}")
+      problems = unknown_overrides(argv[1:], flag_name, config)
+      if problems:
+        fail("unknown config fields:\n  " + "\n  ".join(problems))
+    return app.parse_flags_with_usage(argv)
+
+  return parse
