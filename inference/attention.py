@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models.layers import matmul
+from models.layers import matmul, precision_for
 from models.mla import MLA
 
 _NEG = jnp.finfo(jnp.float32).min
@@ -60,11 +60,11 @@ def cached_attention(attn: MLA, x_BUD, cos_BUK, sin_BUK, layer_cache: dict[str, 
   new_mask_UU = jnp.tril(jnp.ones((u, u), bool))
   q_nope_BUHK, q_pe_BUHK = attn.query(x_BUD, cos_BUK, sin_BUK)
   c_BUR, k_pe_BUK = attn.latent(x_BUD, cos_BUK, sin_BUK)
-  f32 = dict(preferred_element_type=jnp.float32)
 
   if kind == "latent":
     c_BSR, k_pe_BSK = layer_cache["c"], layer_cache["k_pe"]
     dt = c_BSR.dtype
+    f32 = dict(preferred_element_type=jnp.float32, precision=precision_for(dt))
     w_uk_RHK, w_uv_RHK = jnp.split(attn.wkv_b[...], [cfg.qk_nope_head_dim], axis=-1)
     # q_lat[b,u,h,r] = Σ_k q_nope[b,u,h,k]·W_UK[r,h,k]: scores against c stand for scores against k_nope.
     q_lat_BUHR = matmul(q_nope_BUHK, w_uk_RHK, cfg, "buhk,rhk->buhr").astype(dt)
@@ -88,6 +88,7 @@ def cached_attention(attn: MLA, x_BUD, cos_BUK, sin_BUK, layer_cache: dict[str, 
     raise ValueError(f"unknown cache kind {kind!r}")
   k_BSHK, v_BSHK = layer_cache["k"], layer_cache["v"]
   dt = k_BSHK.dtype
+  f32 = dict(preferred_element_type=jnp.float32, precision=precision_for(dt))
   new = _expanded_entries(*attn.expand(c_BUR), k_pe_BUK)
   k_new, v_new = new["k"].astype(dt), new["v"].astype(dt)
   q_BUHK = jnp.concatenate([q_nope_BUHK, q_pe_BUHK.astype(q_nope_BUHK.dtype)], axis=-1).astype(dt)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import matmul, param
+from models.layers import matmul, param, precision_for
 
 
 class RoutedExperts(nnx.Module):
@@ -90,6 +90,7 @@ def _dropless(cfg, weights, x_AD, experts_A):
   order_A = jnp.argsort(experts_A, stable=True)  # padding ids (≥ e) sort last, outside every group
   group_sizes_E = jnp.bincount(experts_A, length=e).astype(jnp.int32)
   ragged = lambda x, w: jax.lax.ragged_dot(x.astype(cfg.dtype), w.astype(cfg.dtype), group_sizes_E,
+                                          precision=precision_for(cfg.dtype),
                                           preferred_element_type=jnp.float32).astype(cfg.dtype)
   x_sorted_AD = x_AD[order_A]
   y_sorted_AD = ragged(jax.nn.silu(ragged(x_sorted_AD, gate)) * ragged(x_sorted_AD, up), down)

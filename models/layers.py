@@ -44,6 +44,16 @@ class RMSNorm(nnx.Module):
     return (self.scale[...].astype(jnp.float32) * x).astype(dtype)
 
 
+def precision_for(dtype):
+  """The dot precision for operands of compute dtype `dtype`: HIGHEST for float32/float64, else None.
+
+  XLA runs float32 dots as TF32 on Hopper GPUs by default (10-bit mantissas, ~1e-3 relative
+  error) and TPUs run them as one bf16 pass, so a float32 model would silently differ by backend.
+  Lower precisions keep the backend default: asking more of a bf16 dot only costs speed.
+  """
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) in (jnp.float32, jnp.float64) else None
+
+
 def matmul(x, w, cfg: ModelConfig, spec: str, out_dtype=None):
   """einsum in the compute dtype with float32 accumulation, returned in `out_dtype` (default: the
   compute dtype). Its backward pass runs in the compute dtype too (see `mixed_einsum`)."""
@@ -58,9 +68,11 @@ def mixed_einsum(spec: str, x, w, dtype, out_dtype):
   accumulator, turning every backward matmul of a bf16 model into a float32 one (tf32 kernels on a
   GPU, measured at 25 % of a train step). Here the cotangent is cast to `dtype` first, so the
   backward products take `dtype` operands like the forward one (float32 accumulation on GPU/TPU).
-  For dtype float32 this is exactly the plain einsum and its gradient.
+  For dtype float32 this is exactly the plain einsum and its gradient, at full precision (see
+  `precision_for`; the transposed products inherit it).
   """
-  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32,
+                    precision=precision_for(dtype)).astype(out_dtype)
 
 
 def _mixed_einsum_fwd(spec, x, w, dtype, out_dtype):
@@ -69,7 +81,8 @@ def _mixed_einsum_fwd(spec, x, w, dtype, out_dtype):
 
 def _mixed_einsum_bwd(spec, dtype, out_dtype, residuals, g):
   x, w = residuals
-  _, transpose = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x.astype(dtype), w.astype(dtype))
+  einsum = lambda a, b: jnp.einsum(spec, a, b, precision=precision_for(dtype))
+  _, transpose = jax.vjp(einsum, x.astype(dtype), w.astype(dtype))
   dx, dw = transpose(g.astype(dtype))
   return dx.astype(x.dtype), dw.astype(w.dtype)
 

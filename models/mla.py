@@ -7,12 +7,14 @@ cache can keep only (c, k_pe) and absorb W_UK into the query and W_UV into the o
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import RMSNorm, matmul, param
+from models.layers import RMSNorm, matmul, param, precision_for
 from models.rope import apply_rope
 
 
@@ -84,9 +86,9 @@ class MLA(nnx.Module):
     if impl == "cudnn":  # Execution.check rejects it off GPUs before anything compiles
       return fused_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS,
                              self.cfg.softmax_scale, implementation="cudnn")
-    scores_BHTS = (
-        jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BSHK, preferred_element_type=jnp.float32)
-        + jnp.einsum("bthk,bsk->bhts", q_pe_BTHK, k_pe_BSK, preferred_element_type=jnp.float32))
+    f32 = dict(preferred_element_type=jnp.float32, precision=precision_for(q_nope_BTHK.dtype))
+    scores_BHTS = (jnp.einsum("bthk,bshk->bhts", q_nope_BTHK, k_nope_BSHK, **f32)
+                   + jnp.einsum("bthk,bsk->bhts", q_pe_BTHK, k_pe_BSK, **f32))
     return attend(scores_BHTS * self.cfg.softmax_scale, mask_B1TS, v_BSHK)
 
   def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_B1TS, impl: str = "xla"):
@@ -122,7 +124,11 @@ def fused_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_
   # 8x2048: 3.4x slower forward, 1.8x backward), so a batch whose mask is plain causality (one document
   # per row) takes the unmasked kernel; packed rows keep the mask.
   plain_causal = jnp.all(mask_B1TS == jnp.tril(jnp.ones((t, s), bool)))
-  o_BTHK = jax.lax.cond(plain_causal, lambda: attend_with(None), lambda: attend_with(mask_B1TS))
+  # jax's attention takes no precision argument; its float32 products (the xla implementation) follow
+  # the default matmul precision, raised here as `precision_for` would set it.
+  full = precision_for(q_BTHK.dtype) is not None
+  with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
+    o_BTHK = jax.lax.cond(plain_causal, lambda: attend_with(None), lambda: attend_with(mask_B1TS))
   return o_BTHK[..., :kv]
 
 
@@ -131,4 +137,5 @@ def attend(scores_BHTS, mask_B1TS, v_BSHK):
   scores_BHTS = jnp.where(mask_B1TS, scores_BHTS, jnp.finfo(jnp.float32).min)
   probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
   return jnp.einsum("bhts,bshk->bthk", probs_BHTS.astype(v_BSHK.dtype), v_BSHK,
-                    preferred_element_type=jnp.float32).astype(v_BSHK.dtype)
+                    preferred_element_type=jnp.float32,
+                    precision=precision_for(v_BSHK.dtype)).astype(v_BSHK.dtype)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import param
+from models.layers import param, precision_for
 
 
 class RouterBias(nnx.Variable):
@@ -40,7 +40,10 @@ class Router(nnx.Module):
 
   def __call__(self, x_BTD) -> Routing:
     cfg = self.cfg
-    logits_BTE = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+    # Always float32 at full precision, whatever the model's dtype: a TF32 or bf16 product would move
+    # near-tied scores enough to flip expert choices between backends.
+    logits_BTE = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), self.kernel[...].astype(jnp.float32),
+                            precision=precision_for(jnp.float32))
     if cfg.score_func == "sigmoid":
       scores_BTE = jax.nn.sigmoid(logits_BTE)
     else:
@@ -84,7 +87,8 @@ def sequence_balance_loss(routing: Routing, num_experts: int, top_k: int, segmen
   valid_BT = jnp.ones(scores_BTE.shape[:2], jnp.float32) if segment_mask_BT is None else segment_mask_BT
   tokens_B = jnp.maximum(jnp.sum(valid_BT, axis=1), 1.0)
   chosen_BTE = jax.nn.one_hot(routing.experts_BTk, num_experts, dtype=jnp.float32).sum(axis=2)
-  f_BE = num_experts / (top_k * tokens_B[:, None]) * jnp.einsum("bte,bt->be", chosen_BTE, valid_BT)
+  per_sequence = lambda x_BTE: jnp.einsum("bte,bt->be", x_BTE, valid_BT, precision=precision_for(jnp.float32))
+  f_BE = num_experts / (top_k * tokens_B[:, None]) * per_sequence(chosen_BTE)
   normed_BTE = scores_BTE / jnp.sum(scores_BTE, axis=-1, keepdims=True)
-  p_BE = jnp.einsum("bte,bt->be", normed_BTE, valid_BT) / tokens_B[:, None]
+  p_BE = per_sequence(normed_BTE) / tokens_B[:, None]
   return jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))

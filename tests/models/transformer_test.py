@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 import models
+from models.moe import MoE
 from tests.models import tiny_configs as tc
 
 B, T = 2, 16
@@ -181,25 +182,33 @@ class TransformerTest(chex.TestCase):
   def test_bf16_compute_close_to_float32(self):
     """bf16 compute with float32 params stays within 10% of the logit spread of float32.
 
-    Uses init_std 0.1: at the suite's 0.3 the activations are large enough that bf16 rounding flips
-    near-tied routing choices and single positions move by more than a logit std. The routing must
-    therefore agree for the comparison to be meaningful, and that is asserted first.
+    Routing is a discontinuous function of the hidden state: bf16 rounding flips near-tied top-k
+    choices (on CPU for about half of the seeds and router scales tried; on a GPU, whose kernels round
+    differently, for this test's former seed), and one flip moves a position by most of a logit std.
+    So the smooth parts are compared where routing cannot interfere: the whole decoder with every layer
+    dense, and the routed experts under one fixed routing.
     """
-    cfg = tc.v3_style(init_std=0.1)
+    cfg = tc.v3_style(init_std=0.1, first_k_dense=3, mtp_depth=0)  # every layer dense: no routing
     ids = tc.random_ids(cfg, (B, T), seed=6)
     out = _run(tc.build(cfg.replace(dtype=jnp.bfloat16), seed=0), ids)
-    # The float32 run reuses the suite's compiled v3 graph with these weights (init_std is unused there).
-    ref = _run(nnx.merge(nnx.graphdef(_model("v3")), nnx.state(tc.build(cfg, seed=0))), ids)
-    np.testing.assert_array_equal(out.aux["expert_load"], ref.aux["expert_load"])
+    ref = _run(tc.build(cfg, seed=0), ids)
     self.assertEqual(out.logits.dtype, jnp.float32)
     self.assertEqual(out.hidden.dtype, jnp.bfloat16)
     chex.assert_tree_all_finite(out.logits)
     diff = np.abs(np.asarray(out.logits) - np.asarray(ref.logits))
     self.assertLess(diff.max(), 0.1 * float(np.std(ref.logits)))
     self.assertGreater(diff.max(), 0, "bf16 run was not actually computed in bf16")
-    if cfg.mtp_depth:
-      mtp_diff = np.abs(np.asarray(out.mtp_logits) - np.asarray(ref.mtp_logits)).max()
-      self.assertLess(mtp_diff, 0.1 * float(np.std(ref.mtp_logits)))
+
+    moe_cfg = tc.v3_style(init_std=0.1)
+    moe32 = tc.materialize(lambda: MoE(moe_cfg, rngs=nnx.Rngs(0)), moe_cfg, seed=1)
+    moe16 = nnx.merge(nnx.graphdef(MoE(moe_cfg.replace(dtype=jnp.bfloat16), rngs=nnx.Rngs(0))), nnx.state(moe32))
+    x_ND = jnp.asarray(np.random.default_rng(7).standard_normal((B * T, moe_cfg.hidden_size)), jnp.float32)
+    routing = moe32.router(x_ND[None])
+    experts_A, weights_A = routing.experts_BTk.reshape(-1), routing.weights_BTk.reshape(-1)
+    y32 = np.asarray(moe32.experts(x_ND, experts_A, weights_A))
+    y16 = np.asarray(moe16.experts(x_ND.astype(jnp.bfloat16), experts_A, weights_A), np.float32)
+    self.assertLess(np.abs(y16 - y32).max(), 0.05 * float(np.std(y32)))
+    self.assertGreater(np.abs(y16 - y32).max(), 0)
 
   def test_rejects_unbatched_ids(self):
     with self.assertRaisesRegex(ValueError, "batch, length"):
