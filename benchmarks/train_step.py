@@ -166,7 +166,9 @@ def main(argv):
           f"{r['first_loss']:.4f} | {r['compile_s']:.0f} |")
   if f.json:
     versions = {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
-    record = {"command": "python -m benchmarks.train_step " + " ".join(sys.argv[1:]),
+    # The output path is where this machine wrote the file, not part of what was measured.
+    args = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    record = {"command": "python -m benchmarks.train_step " + " ".join(args),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device.device_kind, "device_count": jax.device_count(), "versions": versions,
               "batch": f.batch, "seq": f.seq, "docs_per_row": f.docs_per_row, "warmup": f.warmup, "steps": f.steps,
