@@ -31,9 +31,7 @@ from data import tokenizers
 from training import workdir as workdir_lib
 from training.state import ModelDef
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json as a run ConfigDict (training.workdir.read_run_config; old layouts too)."""
-  return workdir_lib.read_run_config(workdir)
+read_config = workdir_lib.read_run_config  # WORKDIR/config.json as a run ConfigDict (old layouts too)
 
 
 def eval_mesh(config) -> jax.sharding.Mesh:

@@ -26,16 +26,16 @@ from data import sources
 
 # field path → (check, what it must be). Missing fields are skipped (configs may predate a field).
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
-    "total_steps": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "seq_len": (lambda v: _int(v) and v >= 3, "an integer >= 3"),
-    "grad_accum_steps": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "log_every": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "eval_every": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0: only the final eval)"),
-    "eval_batches": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0: the whole validation split)"),
-    "checkpoint_every": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "keep_checkpoints": (lambda v: _int(v) and v >= 1, "an integer >= 1 (0 would delete every checkpoint)"),
+    "seed": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "total_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "seq_len": (lambda v: is_int(v) and v >= 3, "an integer >= 3"),
+    "grad_accum_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "log_every": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "eval_every": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: only the final eval)"),
+    "eval_batches": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: the whole validation split)"),
+    "checkpoint_every": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "keep_checkpoints": (lambda v: is_int(v) and v >= 1, "an integer >= 1 (0 would delete every checkpoint)"),
     "peak_flops_per_device": (lambda v: _real(v) and v >= 0, "a number >= 0 (0: look up the device)"),
     "optim.peak_lr": (lambda v: _real(v) and v > 0, "a number > 0"),
     "optim.min_lr_ratio": (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]"),
@@ -49,14 +49,15 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "loss.balance_alpha": (lambda v: _real(v) and v >= 0, "a number >= 0"),
     "loss.mtp_lambda": (lambda v: _real(v) and v >= 0, "a number >= 0"),
     "loss.bias_update_speed": (lambda v: _real(v) and v >= 0, "a number >= 0"),
-    "data.worker_count": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "data.worker_count": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "data.dataset": (lambda v: _known_dataset(v), "python_stdlib, python_stdlib/lib, python_stdlib/full or "
                      "text_files"),
     "data.tokenizer": (lambda v: v in ("byte", "sentencepiece", "hf"), "byte, sentencepiece or hf"),
 }
 
 
-def _int(v) -> bool:
+def is_int(v) -> bool:
+  """An int that is not a bool (JSON true/false and Python bools are ints to isinstance)."""
   return isinstance(v, int) and not isinstance(v, bool)
 
 

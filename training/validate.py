@@ -21,14 +21,14 @@ def validate_run(config, workdir: str) -> tuple[models.ModelConfig, jax.sharding
   except (ValueError, TypeError) as e:
     problems.append(f"model: {e}")
     model_cfg = None
-  if model_cfg is not None and _is_int(config.seq_len) and config.seq_len > model_cfg.max_position_embeddings:
+  if model_cfg is not None and config_check.is_int(config.seq_len) and config.seq_len > model_cfg.max_position_embeddings:
     problems.append(f"seq_len {config.seq_len} exceeds the model's max_position_embeddings "
                     f"{model_cfg.max_position_embeddings}")
-  if _is_int(config.batch_size) and _is_int(config.grad_accum_steps) and config.grad_accum_steps >= 1 \
+  if config_check.is_int(config.batch_size) and config_check.is_int(config.grad_accum_steps) and config.grad_accum_steps >= 1 \
       and config.batch_size % config.grad_accum_steps:
     problems.append(f"batch_size {config.batch_size} is not divisible by grad_accum_steps "
                     f"{config.grad_accum_steps}")
-  if _is_int(config.batch_size) and config.batch_size % jax.process_count():
+  if config_check.is_int(config.batch_size) and config.batch_size % jax.process_count():
     problems.append(f"batch_size {config.batch_size} is not divisible by the {jax.process_count()} processes")
   mesh = execution = None
   rules = config.get("sharding_rules")
@@ -55,10 +55,6 @@ def validate_run(config, workdir: str) -> tuple[models.ModelConfig, jax.sharding
   _check_workdir(workdir)
   memory.check_fits(memory.plan_memory(config, model_cfg, dict(mesh.shape)), memory.device_memory_bytes())
   return model_cfg, mesh, execution
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_workdir(workdir: str):
