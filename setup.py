@@ -35,6 +35,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
                  "filelock>=3.12"],
-        "gpu": ["jax[cuda12]"],  # GPU kernels (tokamax) join when code imports them
+        # The GPU grouped matmul ("pallas") needs only jax; tokamax serves grouped_matmul="tokamax"
+        # (imported lazily; tokamax 0.0.17 also imports xprof).
+        "gpu": ["jax[cuda12]", "tokamax>=0.0.17"],
     },
 )

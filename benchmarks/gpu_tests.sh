@@ -14,6 +14,9 @@ set -u
 OUT=${OUT:-gpu_test_logs}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/*.whl .peer/maxtext/wheels/*.whl || exit 1
+# tokamax 0.0.17 (from the peer's wheels) imports xprof, for benchmarking only: a stub stands in.
+mkdir -p /tmp/site/xprof/cli && touch /tmp/site/xprof/__init__.py /tmp/site/xprof/cli/__init__.py
+echo "get_kernel_stats_tool = None" > /tmp/site/xprof/cli/tools.py
 # Subprocess tests replace PYTHONPATH with the repo: a .pth file keeps /tmp/site visible to them.
 echo /tmp/site > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/zz_tmp_site.pth"
 export PYTHONPATH=/tmp/site XLA_PYTHON_CLIENT_PREALLOCATE=false

@@ -4,7 +4,8 @@
 
 Sums the duration of complete events ("X") per name on the accelerator's processes (those whose
 process name contains --device) and prints the largest with their share of the summed device time.
-XLA names GPU kernels after their fusions, so the rows point at the HLO that costs most.
+XLA names GPU kernels after their fusions, so the rows point at the HLO that costs most. A second
+table sums them by class (CLASSES: grouped matmul, dense matmul, attention, copies, other fusions).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import re
 
 from absl import app, flags
 
@@ -43,6 +45,22 @@ def device_time_by_name(events: list[dict], device: str) -> tuple[collections.Co
   return per_name, sum(per_name.values()), max(ends) - min(starts)
 
 
+# First match wins; kernel names as XLA, cuBLAS (nvjet), cuDNN and Pallas/tokamax name them.
+CLASSES = (("grouped matmul (MoE experts)", r"grouped_product|grouped_weight_gradient|ragged_"),
+           ("dense matmul", r"nvjet|gemm|cublas|xmma|cutlass|matmul|dot"),
+           ("attention", r"cudnn|sdpa|flash|attention"),
+           ("copies", r"memcpy|memset|copy"),
+           ("other fusions", r""))
+
+
+def by_class(per_name: collections.Counter) -> collections.Counter:
+  """Microseconds per op class (CLASSES)."""
+  out = collections.Counter()
+  for name, us in per_name.items():
+    out[next(label for label, pattern in CLASSES if re.search(pattern, name, re.IGNORECASE))] += us
+  return out
+
+
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m benchmarks.trace_summary TRACE.json[.gz]")
@@ -51,6 +69,9 @@ def main(argv):
   print("| ms | share | name |\n|---|---|---|")
   for name, us in per_name.most_common(_TOP.value):
     print(f"| {us / 1e3:.2f} | {us / total:.1%} | {name[:110]} |")
+  print("\n| ms | share | op class |\n|---|---|---|")
+  for label, us in by_class(per_name).most_common():
+    print(f"| {us / 1e3:.2f} | {us / total:.1%} | {label} |")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
   python -m benchmarks.train_step                                   # configs/bench_v2lite_4l.py, 8 x 2048
   python -m benchmarks.train_step --variants=capacity:1.0+attn=cudnn,dropless --docs_per_row=4 --steps=10
 
-Each variant is a MoE backend (`dropless`, or `capacity:<factor>`) with optional `+remat=<policy>` and
-`+attn=<xla|cudnn>` (the fields of models.Execution), e.g. `capacity:1.0+attn=cudnn`. For each:
+Each variant is a MoE backend (`dropless`, or `capacity:<factor>`) with optional `+remat=<policy>`,
+`+attn=<xla|cudnn>` and `+gmm=<auto|xla|tokamax>` (the fields of models.Execution; grouped_matmul
+"auto" is resolved for the device, as `sharding.make_execution` does), e.g. `capacity:1.0+attn=cudnn`
+or `dropless+attn=cudnn`. For each:
 compile, warm up, then time `--steps` steps one by one (blocking on the loss after each) and report the
 median step time, tokens/s, model TFLOP/s per device (6·activated params + 3·causal attention per
 token, models/counting.py), MFU against the device's dense bf16 peak, and the step's memory (XLA's
@@ -57,7 +59,7 @@ def define_flags() -> None:
 
 def parse_variant(spec: str) -> dict:
   """'capacity:1.0+remat=full+attn=cudnn' → execution fields (moe_backend, capacity_factor, remat_policy,
-  attention_impl)."""
+  attention_impl, grouped_matmul)."""
   backend, *options = spec.split("+")
   fields = {}
   if backend == "dropless":
@@ -66,11 +68,12 @@ def parse_variant(spec: str) -> dict:
     fields.update(moe_backend="capacity", capacity_factor=float(backend.split(":", 1)[1]))
   else:
     raise ValueError(f"unknown variant {spec!r}: expected dropless or capacity:<factor>, then +key=value options")
-  names = {"remat": "remat_policy", "attn": "attention_impl"}
+  names = {"remat": "remat_policy", "attn": "attention_impl", "gmm": "grouped_matmul"}
   for option in options:
     key, _, value = option.partition("=")
     if key not in names or not value:
-      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: remat=<policy>, attn=<impl>)")
+      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: remat=<policy>, attn=<impl>, "
+                       "gmm=<impl>)")
     fields[names[key]] = value
   return fields
 
@@ -95,8 +98,9 @@ def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, pro
   config = config.copy_and_resolve_references()
   config.execution.update(fields)
   model_cfg = models.from_dict(config.model.to_dict())
-  execution = models.execution_from_dict(config.execution)
-  execution.check(model_cfg, platform=jax.devices()[0].platform)
+  platform = jax.devices()[0].platform
+  execution = models.execution_from_dict(config.execution).resolve(platform)
+  execution.check(model_cfg, platform=platform)
   tx = optim_lib.make_optimizer(config.optim, config.total_steps)
   schedule = optim_lib.learning_rate_schedule(config.optim, config.total_steps)
   modeldef = ModelDef.abstract(model_cfg)
@@ -129,7 +133,7 @@ def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, pro
   mem = compiled.memory_analysis()  # the step's own footprint: state, batch, temporaries (donation aliases)
   memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             - mem.alias_size_in_bytes) if mem is not None else 0
-  return {"variant": fields, "first_loss": losses[0], "compile_s": compile_s, "step_ms_median": seconds * 1e3,
+  return {"variant": fields, "grouped_matmul": execution.grouped_matmul, "first_loss": losses[0], "compile_s": compile_s, "step_ms_median": seconds * 1e3,
           "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3, "tokens_per_s": tokens / seconds,
           "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak if peak else None,
           "step_memory_gib": memory / 2**30}
@@ -166,8 +170,10 @@ def main(argv):
           f"{r['first_loss']:.4f} | {r['compile_s']:.0f} |")
   if f.json:
     versions = {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
-    # The output path is where this machine wrote the file, not part of what was measured.
-    args = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    # Output paths are where this machine wrote files, not part of what was measured (a traced step
+    # runs after the timed ones): "--profile_dir=DIR" is recorded as "--profile_dir".
+    args = [a.split("=")[0] if a.startswith("--profile_dir") else a for a in sys.argv[1:]
+            if not a.startswith("--json")]
     record = {"command": "python -m benchmarks.train_step " + " ".join(args),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device.device_kind, "device_count": jax.device_count(), "versions": versions,

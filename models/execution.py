@@ -2,16 +2,18 @@
 
 `ModelConfig` is the architecture: what a Hugging Face config.json describes, plus the numerics
 dtypes. `Execution` holds the choices that do not change the function (up to rounding, and the token
-dropping a capacity buffer implies): the MoE matmul backend and its capacity, the attention kernel, the
-remat policy, and expert-parallel dispatch over a mesh. It is a frozen value passed explicitly to
-`Transformer.forward` and to the train / eval / generate step builders; no layer reads an ambient mesh
-or the backend to choose an algorithm. Config files keep it in their `execution` section;
-`sharding.make_execution(config.execution, mesh)` adds the expert-parallel part for a mesh.
+dropping a capacity buffer implies): the MoE matmul backend and its capacity, the grouped-matmul kernel,
+the attention kernel, the remat policy, and expert-parallel dispatch over a mesh. It is a frozen value
+passed explicitly to `Transformer.forward` and to the train / eval / generate step builders; no layer
+reads an ambient mesh or the backend to choose an algorithm. Config files keep it in their `execution`
+section; `sharding.make_execution(config.execution, mesh)` adds the expert-parallel part for a mesh and
+resolves the platform-dependent defaults (`Execution.resolve`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Literal
 
 import jax
@@ -21,6 +23,7 @@ from models.config import ModelConfig
 
 MOE_BACKENDS = ("dropless", "capacity")
 ATTENTION_IMPLS = ("xla", "cudnn")
+GROUPED_MATMULS = ("auto", "xla", "pallas", "tokamax")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -56,6 +59,12 @@ class Execution:
   # slots per expert, first come first served; assignments beyond it are dropped.
   moe_backend: Literal["dropless", "capacity"] = "dropless"
   capacity_factor: float = 1.25
+  # The dropless backend's grouped matmul (models/grouped_matmul.py): "xla" (jax.lax.ragged_dot: the
+  # exact reference, CPU/TPU; on GPUs its backward materialises dense [experts, rows, D] operands),
+  # "pallas" (Pallas Triton GPU kernels, bf16/fp16), "tokamax" (tokamax's Mosaic GPU kernel; the `gpu`
+  # extra) or "auto": `resolve(platform)` picks pallas on GPUs, else xla (an Execution nobody resolved
+  # runs xla).
+  grouped_matmul: Literal["auto", "xla", "pallas", "tokamax"] = "auto"
   # Training-forward attention: "xla" (einsums, any device, the exact reference) or "cudnn" (fused
   # flash attention, GPU and bf16/fp16 only).
   attention_impl: Literal["xla", "cudnn"] = "xla"
@@ -70,6 +79,8 @@ class Execution:
       raise ValueError(f"capacity_factor must be a number > 0, got {factor!r}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+    if self.grouped_matmul not in GROUPED_MATMULS:
+      raise ValueError(f"unknown grouped_matmul {self.grouped_matmul!r}; expected one of {GROUPED_MATMULS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}")
 
@@ -81,6 +92,14 @@ class Execution:
     on prompt padding) and no remat (nothing is differentiated)."""
     return self.replace(moe_backend="dropless", remat_policy="none")
 
+  def resolve(self, platform: str | None) -> "Execution":
+    """The defaults that depend on the devices made concrete for `platform` ("cpu", "gpu", "tpu"; None:
+    unknown, nothing changes): grouped_matmul "auto" → "pallas" on GPUs, else "xla". Layers never look
+    at the platform themselves."""
+    if self.grouped_matmul != "auto" or platform is None:
+      return self
+    return self.replace(grouped_matmul="pallas" if platform == "gpu" else "xla")
+
   def check(self, cfg: ModelConfig, platform: str | None = None) -> None:
     """Raises ValueError when `cfg` cannot run this way (on `platform`, e.g. "cpu"/"gpu", when given)."""
     if self.attention_impl == "cudnn":
@@ -89,10 +108,18 @@ class Execution:
                          f"{jnp.dtype(cfg.dtype)}")
       if platform is not None and platform != "gpu":
         raise ValueError(f"attention_impl='cudnn' needs a GPU; these devices are {platform!r}")
+    if self.grouped_matmul in ("pallas", "tokamax") and platform is not None and platform != "gpu":
+      raise ValueError(f"grouped_matmul={self.grouped_matmul!r} needs a GPU; these devices are {platform!r}")
+    if self.grouped_matmul == "tokamax" and not _tokamax_installed():
+      raise ValueError("grouped_matmul='tokamax' needs tokamax: pip install -e '.[gpu]'")
 
   def to_dict(self) -> dict[str, Any]:
     """The config-file fields (the expert-parallel part comes from the mesh, not from a file)."""
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "expert_parallel"}
+
+
+def _tokamax_installed() -> bool:
+  return importlib.util.find_spec("tokamax") is not None  # finds it without importing it
 
 
 EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(Execution) if f.name != "expert_parallel")

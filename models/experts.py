@@ -1,12 +1,15 @@
 """Routed experts and the token moves around them, with two matmul backends.
 
 - dropless (`capacity=None`): sort the N·k assignments by expert and run grouped matmuls
-  (`jax.lax.ragged_dot`), so no token is ever dropped.
+  (models/grouped_matmul.py: `jax.lax.ragged_dot`, or tokamax's GPU kernel), so no token is ever
+  dropped. Gate and up run as one grouped matmul against [E, D, 2F] (concatenated in the step; the
+  parameters stay separate, as checkpoints and HF store them).
 - capacity (`capacity=C`): place assignments in a fixed [E, C, D] buffer (C slots per expert, first
   come first served in assignment order), batched einsum, take the rows back; assignments beyond C are
-  dropped. Both moves are gathers, in the forward and the backward pass (`permute_rows`).
-With C ≥ the busiest expert's load the two agree exactly. models/moe.py picks the backend from the
-`Execution`; models/moe_parallel.py runs the same experts on each expert-parallel shard.
+  dropped.
+In both, the moves are gathers in the forward and the backward pass (`permute_rows`). With C ≥ the
+busiest expert's load the two agree exactly. models/moe.py picks the backend from the `Execution`;
+models/moe_parallel.py runs the same experts on each expert-parallel shard.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
-from models.layers import matmul, param, precision_for
+from models.grouped_matmul import grouped_matmul
+from models.layers import matmul, param
 
 
 class RoutedExperts(nnx.Module):
@@ -35,11 +39,11 @@ class RoutedExperts(nnx.Module):
   def weights(self):
     return self.gate[...], self.up[...], self.down[...]
 
-  def __call__(self, x_ND, experts_A, weights_A, capacity: int | None = None):
+  def __call__(self, x_ND, experts_A, weights_A, capacity: int | None = None, grouped: str = "xla"):
     """x [N, D]; the N·k assignments' expert ids and combine weights (token-major) → [N, D] in x's
-    dtype. capacity: None (dropless) or slots per expert."""
+    dtype. capacity: None (dropless) or slots per expert; grouped: the dropless grouped matmul."""
     k = experts_A.shape[0] // x_ND.shape[0]
-    y_AD = expert_ffn(self.cfg, self.weights(), assignment_rows(x_ND, k), experts_A, capacity)
+    y_AD = expert_ffn(self.cfg, self.weights(), assignment_rows(x_ND, k), experts_A, capacity, grouped)
     return combine(y_AD, weights_A, k).astype(x_ND.dtype)
 
 
@@ -57,15 +61,17 @@ def combine(y_AD, weights_A, k: int):
   return y_AD.reshape(-1, k, y_AD.shape[-1]).sum(axis=1)
 
 
-def expert_ffn(cfg: ModelConfig, weights, x_AD, experts_A, capacity: int | None = None):
+def expert_ffn(cfg: ModelConfig, weights, x_AD, experts_A, capacity: int | None = None,
+               grouped: str = "xla"):
   """Row a = expert experts_A[a] applied to x_AD[a] → [A, D].
 
   weights = (gate [E', D, F'], up [E', D, F'], down [E', F', D]) may be a slice of the experts (an
   expert-parallel shard: E' local experts, F' a tensor shard of F); ids ≥ E' mark padding rows → 0.
-  capacity: None runs dropless; an int C keeps the first C assignments of each expert (the rest → 0).
+  capacity: None runs dropless with the grouped matmul `grouped` (Execution.grouped_matmul); an int C
+  keeps the first C assignments of each expert (the rest → 0).
   """
   if capacity is None:
-    return _dropless(cfg, weights, x_AD, experts_A)
+    return _dropless(cfg, weights, x_AD, experts_A, grouped)
   return _capacity(cfg, weights, x_AD, experts_A, capacity)
 
 
@@ -84,18 +90,38 @@ def arrival_order(ids_A, num_ids: int, offset_I=None):
   return jnp.sum(earlier_AI * one_hot_AI, axis=-1)
 
 
-def _dropless(cfg, weights, x_AD, experts_A):
+def sort_by_expert(experts_A, num_experts: int):
+  """The dropless layout: (group_sizes int32 [E], source_S, position_A).
+
+  Sorted row s holds assignment source_S[s]; assignment a sits at sorted row position_A[a]. The
+  assignments of expert e fill rows [Σ sizes[:e], Σ sizes[:e+1]); padding ids (≥ E) belong to no group:
+  their position is A (out of range) and the rows past the groups have source A, so `permute_rows`
+  reads nothing for them either way."""
+  a = experts_A.shape[0]
+  group_sizes_E = jnp.bincount(experts_A, length=num_experts).astype(jnp.int32)  # ids ≥ E not counted
+  sorted_S = jnp.argsort(experts_A, stable=True).astype(jnp.int32)  # padding last
+  rows = jnp.arange(a, dtype=jnp.int32)
+  source_S = jnp.where(rows < jnp.sum(group_sizes_E), sorted_S, a)
+  position_A = jnp.zeros((a,), jnp.int32).at[sorted_S].set(rows)
+  position_A = jnp.where(experts_A < num_experts, position_A, a)
+  return group_sizes_E, source_S, position_A
+
+
+def _dropless(cfg, weights, x_AD, experts_A, grouped: str):
   gate, up, down = weights
-  e = gate.shape[0]
-  order_A = jnp.argsort(experts_A, stable=True)  # padding ids (≥ e) sort last, outside every group
-  group_sizes_E = jnp.bincount(experts_A, length=e).astype(jnp.int32)
-  ragged = lambda x, w: jax.lax.ragged_dot(x.astype(cfg.dtype), w.astype(cfg.dtype), group_sizes_E,
-                                          precision=precision_for(cfg.dtype),
-                                          preferred_element_type=jnp.float32).astype(cfg.dtype)
-  x_sorted_AD = x_AD[order_A]
-  y_sorted_AD = ragged(jax.nn.silu(ragged(x_sorted_AD, gate)) * ragged(x_sorted_AD, up), down)
-  y_AD = jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD)
-  return jnp.where((experts_A < e)[:, None], y_AD, 0)
+  e, _, f = gate.shape
+  group_sizes_E, source_S, position_A = sort_by_expert(experts_A, e)
+  gmm = lambda x, w: grouped_matmul(x, w, group_sizes_E, grouped, cfg.dtype)
+  x_SD = permute_rows(x_AD.astype(cfg.dtype), source_S, position_A)
+  # One grouped matmul for gate and up: the weights concatenate as the step casts them to the compute
+  # dtype, and the gradient splits the same way.
+  gate_up_S2F = gmm(x_SD, jnp.concatenate([gate.astype(cfg.dtype), up.astype(cfg.dtype)], axis=-1))
+  # Rows past the groups (expert-parallel padding) may hold garbage from a GPU kernel: zero them before
+  # the activation (the select fuses with it), so neither they nor their gradients reach a weight
+  # gradient; `permute_rows` reads none of them.
+  gate_up_S2F = jnp.where((source_S < x_AD.shape[0])[:, None], gate_up_S2F, 0)
+  h_SF = jax.nn.silu(gate_up_S2F[:, :f]) * gate_up_S2F[:, f:]
+  return permute_rows(gmm(h_SF, down), position_A, source_S)
 
 
 def _capacity(cfg, weights, x_AD, experts_A, capacity: int):

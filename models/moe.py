@@ -49,7 +49,8 @@ class MoE(nnx.Module):
     capacity = None
     if execution.moe_backend == "capacity":
       capacity = expert_capacity(execution.capacity_factor, experts_A.shape[0], cfg.n_routed_experts)
-    y_ND = self.experts(x_BTD.reshape(b * t, d), experts_A, routing.weights_BTk.reshape(-1), capacity)
+    y_ND = self.experts(x_BTD.reshape(b * t, d), experts_A, routing.weights_BTk.reshape(-1), capacity,
+                        execution.grouped_matmul)
     aux = {
         "expert_load": expert_load(routing.experts_BTk, cfg.n_routed_experts),
         "balance_loss": sequence_balance_loss(routing, cfg.n_routed_experts, cfg.num_experts_per_tok,

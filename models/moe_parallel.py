@@ -17,8 +17,9 @@ each device, holding n = b·T tokens (a = n·k assignments) and the experts of o
      can hold all a assignments, so nothing is dropped (dense: XLA:CPU has no lax.ragged_all_to_all);
   3. all_to_all over "expert" → the rows every shard of its expert group sends to its experts, with
      local expert ids (empty slots carry the id E/P and come back as zeros);
-  4. runs its local experts with models.experts.expert_ffn (grouped ragged_dot). With the capacity backend
-     the assignments beyond ceil(cf · global assignments / E) per expert are dropped first, in global
+  4. runs its local experts with models.experts.expert_ffn (dropless, with execution.grouped_matmul;
+     empty slots are padding rows that no grouped matmul touches). With the capacity backend the
+     assignments beyond ceil(cf · global assignments / E) per expert are dropped first, in global
      token order (counts all_gathered over the batch axes), so exactly the single-device drops happen;
   5. all_to_all back (the same permutation inverted) and reads each assignment from its slot;
   6. combines with the routing weights in float32 and, when F was split, psums the partial
@@ -78,7 +79,7 @@ def routed_moe(router: Router, experts: RoutedExperts, x_BTD, valid_BT, executio
   capacity_factor = execution.capacity_factor if execution.moe_backend == "capacity" else None
   body = functools.partial(_local, cfg=cfg, router_graphdef=router_graphdef, num_shards=num_shards,
                            expert_axis=ep.expert_axis, tensor=tensor, batch_axes=batch_axes,
-                           num_sequences=b, capacity_factor=capacity_factor)
+                           num_sequences=b, capacity_factor=capacity_factor, grouped=execution.grouped_matmul)
   expert = ep.expert_axis
   y_BTD, load_E, balance = jax.shard_map(
       body, mesh=mesh,
@@ -91,7 +92,7 @@ def routed_moe(router: Router, experts: RoutedExperts, x_BTD, valid_BT, executio
 
 def _local(x_bTD, real_bT, valid_bT, router_state, gate, up, down, *, cfg: ModelConfig,
            router_graphdef, num_shards: int, expert_axis: str, tensor: str | None,
-           batch_axes: tuple[str, ...], num_sequences: int, capacity_factor: float | None):
+           batch_axes: tuple[str, ...], num_sequences: int, capacity_factor: float | None, grouped: str):
   """One device: route its tokens, dispatch, run its experts on what it receives, combine."""
   b, t, d = x_bTD.shape
   e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -109,7 +110,7 @@ def _local(x_bTD, real_bT, valid_bT, router_state, gate, up, down, *, cfg: Model
     capacity = expert_capacity(capacity_factor, num_sequences * t * k, e)
     experts_a = _global_capacity_drop(experts_a, e, capacity, batch_axes)
   y_nD = _dispatch_and_combine(x_nD, experts_a, routing.weights_BTk.reshape(-1), (gate, up, down),
-                               cfg=cfg, num_shards=num_shards, expert_axis=expert_axis)
+                               cfg=cfg, num_shards=num_shards, expert_axis=expert_axis, grouped=grouped)
   if tensor is not None:
     y_nD = jax.lax.psum(y_nD, tensor)
   return y_nD.astype(x_bTD.dtype).reshape(b, t, d), load_E, balance
@@ -128,7 +129,7 @@ def _global_capacity_drop(experts_a, e: int, capacity: int, batch_axes):
 
 
 def _dispatch_and_combine(x_nD, experts_a, weights_a, expert_weights, *, cfg: ModelConfig,
-                          num_shards: int, expert_axis: str):
+                          num_shards: int, expert_axis: str, grouped: str):
   """all_to_all the a = n·k assignments to the shards owning their experts and back → float32 [n, D]."""
   n, d = x_nD.shape
   local_experts = expert_weights[0].shape[0]
@@ -146,7 +147,7 @@ def _dispatch_and_combine(x_nD, experts_a, weights_a, expert_weights, *, cfg: Mo
   recv_PaD = jax.lax.all_to_all(send_PaD, expert_axis, 0, 0)
   recv_ids_Pa = jax.lax.all_to_all(send_ids_Pa, expert_axis, 0, 0)
 
-  y_RD = expert_ffn(cfg, expert_weights, recv_PaD.reshape(-1, d), recv_ids_Pa.reshape(-1))
+  y_RD = expert_ffn(cfg, expert_weights, recv_PaD.reshape(-1, d), recv_ids_Pa.reshape(-1), grouped=grouped)
   back_RD = jax.lax.all_to_all(y_RD.reshape(num_shards, a, d), expert_axis, 0, 0).reshape(-1, d)
   y_aD = back_RD.at[flat_a].get(mode="fill", fill_value=0)
   return combine(y_aD, weights_a, k)

@@ -149,8 +149,9 @@ def batch_shards(mesh, rules: Any = None) -> int:
 def make_execution(execution_cfg: Any, mesh, rules: Any = None) -> "models.Execution":
   """A run's `models.Execution`: the config's `execution` section (mapping or ConfigDict; None = the
   defaults), with expert-parallel dispatch over `mesh` when the rules put experts on a mesh axis of
-  size > 1. That axis must also split the batch; the FFN axis is where the rules put `moe_mlp`."""
-  execution = models.execution_from_dict(execution_cfg or {})
+  size > 1. That axis must also split the batch; the FFN axis is where the rules put `moe_mlp`.
+  Platform-dependent defaults (grouped_matmul "auto") are resolved for the mesh's devices."""
+  execution = models.execution_from_dict(execution_cfg or {}).resolve(_platform(mesh))
   table = make_rules(rules)
   expert_axis, ffn_axis = table["expert"], table["moe_mlp"]
   sizes = dict(mesh.shape)
@@ -160,6 +161,11 @@ def make_execution(execution_cfg: Any, mesh, rules: Any = None) -> "models.Execu
     raise ValueError(f"expert parallelism needs 'moe_mlp' on at most one mesh axis, got {ffn_axis!r}")
   ep = models.ExpertParallel(mesh=mesh, expert_axis=expert_axis, batch_axes=batch_axes(rules), ffn_axis=ffn_axis)
   return execution.replace(expert_parallel=ep)
+
+
+def _platform(mesh) -> str | None:
+  """The platform of a Mesh's devices ("cpu", "gpu", "tpu"); None for an AbstractMesh (no devices)."""
+  return mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else None
 
 
 def state_shardings(abstract_state: Any, mesh, rules: Any = None) -> Any:
