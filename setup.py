@@ -29,6 +29,7 @@ setup(
         "importlib_resources",  # tfds imports it for package-local builders
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
+        "jinja2>=3.1",  # HF chat templates (supervised fine-tuning data)
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
     ],

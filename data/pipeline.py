@@ -38,6 +38,10 @@ JSON-serialisable dict. With Orbax, save it beside the train state:
   mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                              data=grain.checkpoint.CheckpointRestore(it)))  # in place
 
+SFT. `dataset = "sft_jsonl"` reads prompt/completion or chat JSONL files in memory instead (see
+data/sft.py): whole examples are packed first-fit (never split across rows), batches carry a fourth
+array `loss_mask` (1 on completion tokens), and the rest of this contract holds as described there.
+
 `worker_count` > 0 moves the pipeline into that many grain worker processes (`mp_prefetch`; each works
 on a slice of the documents, so the order differs from worker_count=0 but is just as deterministic and
 resumable); 0 runs it synchronously in the calling process (~1 ms per 16×256 byte-token batch on
@@ -115,6 +119,11 @@ def make_dataset(data_config, split: str, seq_len: int, global_batch_size: int, 
   _check_args(data_config, seq_len, global_batch_size, process_index, process_count, num_epochs)
   sources.check_split(split)
   tok = make_tokenizer(data_config)  # loads the model file: fails before any dataset build
+  if sources.parse_dataset(data_config.get("dataset", ""))[0] == "sft_jsonl":
+    from data import sft  # pylint: disable=g-import-not-at-top
+    ds = sft.make_dataset(data_config, split, seq_len, global_batch_size, tok, process_index=process_index,
+                          process_count=process_count, seed=seed, num_epochs=num_epochs)
+    return _finish(ds, data_config, tok)
   docs = grain.MapDataset.source(sources.data_source(data_config, split))
   if data_config.get("shuffle", True):
     docs = docs.shuffle(seed=seed)  # reshuffled every epoch (the seed is folded with the epoch)
@@ -132,7 +141,11 @@ def make_dataset(data_config, split: str, seq_len: int, global_batch_size: int, 
     ds = rows.batch(global_batch_size, drop_remainder=False,
                     batch_fn=functools.partial(grain_exp.batch_and_pad, batch_size=global_batch_size))
     ds = ds.map(functools.partial(_process_rows, start=process_index, step=process_count))
+  return _finish(ds, data_config, tok)
 
+
+def _finish(ds: grain.IterDataset, data_config, tok: tokenizers.Tokenizer) -> grain.IterDataset:
+  """Pad tokens, JSON-proof state, and the worker processes if any."""
   ds = packing.StateFixIterDataset(ds.map(functools.partial(_fill_padding, pad_id=tok.pad_id)))
   workers = data_config.get("worker_count", 0)
   if workers > 0:
@@ -157,7 +170,8 @@ def make_iterator(data_config, split: str, seq_len: int, global_batch_size: int,
 
   Raises:
     ValueError: unknown dataset/tokenizer/split, missing text_files glob, corrupt data dir,
-      indivisible batch, bad process index — before any dataset is built.
+      indivisible batch, bad process index — before any dataset is built; for sft_jsonl, a glob
+      matching no file or a malformed line (file:line).
   """
   return iter(make_dataset(data_config, split, seq_len, global_batch_size, process_index=process_index,
                            process_count=process_count, seed=seed, num_epochs=num_epochs))

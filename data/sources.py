@@ -15,7 +15,7 @@ import re
 
 from absl import logging
 
-DATASETS = ("python_stdlib", "text_files")
+DATASETS = ("python_stdlib", "text_files", "sft_jsonl")  # sft_jsonl: in memory (data/sft.py), no TFDS
 SPLITS = ("train", "validation")
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "deepseek_jax", "tfds")
 
@@ -25,7 +25,7 @@ def data_dir_of(data_config) -> str:
 
 
 def parse_dataset(name: str) -> tuple[str, str | None]:
-  """`python_stdlib` | `python_stdlib/full` | `text_files` → (dataset, builder config or None)."""
+  """`python_stdlib` | `python_stdlib/full` | `text_files` | `sft_jsonl` → (dataset, config or None)."""
   base, _, config = (name or "").partition("/")
   if base not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS} (python_stdlib may take "
@@ -34,6 +34,8 @@ def parse_dataset(name: str) -> tuple[str, str | None]:
     raise ValueError(f"Unknown python_stdlib config {config!r}; expected lib or full.")
   if base == "text_files" and config:
     raise ValueError("text_files takes its files from data_config.text_files, not a config name.")
+  if base == "sft_jsonl" and config:
+    raise ValueError("sft_jsonl takes its files from data_config.sft_files, not a config name.")
   return base, config or None
 
 
@@ -46,6 +48,8 @@ def check_split(split: str) -> None:
 def _builder_spec(data_config):
   """(builder class, kwargs) for the configured dataset; cheap (no TFDS build, no reading data)."""
   base, config = parse_dataset(data_config.get("dataset", ""))
+  if base == "sft_jsonl":
+    raise ValueError("sft_jsonl has no TFDS build: data.sft reads its JSONL files in memory.")
   if base == "python_stdlib":
     from data import stdlib_corpus  # pylint: disable=g-import-not-at-top
     return stdlib_corpus.StdlibSource, dict(config=config or stdlib_corpus.StdlibSource.DEFAULT_CONFIG_NAME)
@@ -114,7 +118,12 @@ def _warn_if_stale(builder) -> None:
 
 
 def prepare(data_config) -> str:
-  """Builds the configured dataset if needed (e.g. once, before a multi-host run); returns its path."""
+  """Builds the configured dataset if needed (e.g. once, before a multi-host run); returns its path.
+
+  sft_jsonl needs no build: returns "".
+  """
+  if parse_dataset(data_config.get("dataset", ""))[0] == "sft_jsonl":
+    return ""
   return str(get_builder(data_config).data_path)
 
 

@@ -243,6 +243,7 @@ class HFTokenizer(Tokenizer):
     self._json = spec_json
     self._tok = tokenizers.Tokenizer.from_str(spec_json)
     self._tok.encode_special_tokens = True  # "<eos>" in a text is text, not the EOS id
+    self._special = None  # built by encode_with_special_tokens on first use
 
   def __getstate__(self):
     return dict(json=self._json, ids=(self.eos_id, self.bos_id, self.pad_id))
@@ -257,6 +258,17 @@ class HFTokenizer(Tokenizer):
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_with_special_tokens(self, text: str) -> list[int]:
+    """Like `encode`, but special-token text ("<eos>") becomes its id: for rendered chat templates."""
+    if self._special is None:  # a second instance: `encode` keeps treating specials as text
+      import tokenizers  # pylint: disable=g-import-not-at-top
+      self._special = tokenizers.Tokenizer.from_str(self._json)
+    return self._special.encode(text, add_special_tokens=False).ids
+
+  def id_to_token(self, i: int) -> str | None:
+    """The vocabulary string of id `i` ("<eos>" for EOS), or None if there is none."""
+    return self._tok.id_to_token(i)
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode(self._valid(ids), skip_special_tokens=True)
