@@ -2,6 +2,7 @@
 
   python eval.py --workdir=/tmp/tiny                        # loss, perplexity, bits/byte, expert load
   python eval.py --workdir=/tmp/tiny --tasks=arithmetic     # + arithmetic exact-match accuracy
+  python eval.py --workdir=/tmp/sft --tasks=exact_match --task_file=test.jsonl   # prompt/completion lines
   python eval.py --workdir=/tmp/tiny --mode=sample --prompt="def fib(" --num_samples=2 --temperature=0.8
   python eval.py --hf_dir=/path/deepseek-dir --eval_batches=4 --seq_len=512   # an HF checkpoint
 
@@ -25,6 +26,7 @@ _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "Override config.eval
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir (where TFDS data is built).")
 _TASKS = flags.DEFINE_list("tasks", [], "Task evaluations to run, e.g. arithmetic.")
 _TASK_EXAMPLES = flags.DEFINE_integer("task_examples", 100, "Problems per task.")
+_TASK_FILE = flags.DEFINE_string("task_file", None, "exact_match: JSONL of prompt/completion (or messages) lines.")
 _TASK_BATCH = flags.DEFINE_integer("task_batch_size", 32, "Prompts per generate call in tasks.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "--hf_dir only: eval row length.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "--hf_dir only: eval batch size.")
@@ -45,6 +47,10 @@ def _flag_problems() -> list[str]:
   unknown = sorted(set(_TASKS.value) - set(tasks.TASKS))
   if unknown:
     problems.append(f"unknown --tasks {unknown}; known: {sorted(tasks.TASKS)}")
+  if set(_TASKS.value) & set(tasks.NEEDS_TASK_FILE) and not _TASK_FILE.value:
+    problems.append("--tasks=exact_match needs --task_file=F.jsonl")
+  if _TASK_FILE.value and not os.path.isfile(_TASK_FILE.value):
+    problems.append(f"--task_file {_TASK_FILE.value!r} is not a file")
   for name in ("task_examples", "task_batch_size", "num_samples", "max_new_tokens", "seq_len", "batch_size"):
     if flags.FLAGS[name].value < 1:
       problems.append(f"--{name} must be >= 1, got {flags.FLAGS[name].value}")
@@ -98,7 +104,7 @@ def main(argv):
     return
   results = runner.evaluate(config, model, tokenizer, step=step, output_dir=output_dir, source=source,
                             tasks=_TASKS.value, task_examples=_TASK_EXAMPLES.value,
-                            task_batch_size=_TASK_BATCH.value)
+                            task_batch_size=_TASK_BATCH.value, task_file=_TASK_FILE.value)
   if jax.process_index() == 0:
     print(runner.report.summary(results))
     if "path" in results:

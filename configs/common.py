@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from models import lora
+
 
 def released_rope(mscale: float) -> dict:
   """Model fields of the released V2/V3 rope: a 4K pretraining context stretched 40x by YaRN.
@@ -19,9 +21,12 @@ RELEASED_NUMERICS = dict(rms_norm_eps=1e-6, init_std=0.006, dtype="bfloat16", pa
 
 def data_defaults() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  d.dataset = "python_stdlib"  # python_stdlib (embedded, offline) | text_files (your own files)
+  d.dataset = "python_stdlib"  # python_stdlib (embedded, offline) | text_files | sft_jsonl (your files)
   d.data_dir = ""  # where TFDS builds datasets; "" = ~/.cache/deepseek_jax/tfds
   d.text_files = ""  # glob of .txt/.jsonl files for dataset=text_files
+  d.sft_files = ""  # dataset=sft_jsonl: comma-separated glob(s) of prompt/completion or messages JSONL
+  d.sft_eval_files = ""  # sft_jsonl validation glob(s); "" = a deterministic ~5 % held out of sft_files
+  d.chat_template = ""  # "" = the hf tokenizer's own if it has one, else "project"; or jinja2 text/file
   d.tokenizer = "byte"  # byte | sentencepiece | hf
   d.tokenizer_path = ""  # .model file (sentencepiece) or tokenizer.json (hf)
   d.shuffle = True
@@ -42,10 +47,23 @@ def run_config(model: dict, **run_fields) -> ml_collections.ConfigDict:
   c.execution = ml_collections.ConfigDict(dict(
       moe_backend="dropless",  # dropless (sort + grouped matmul) | capacity (token-dropping buffer)
       capacity_factor=1.25,  # capacity backend: slots per expert = ceil(cf * tokens * top_k / experts)
+      grouped_matmul="auto",  # dropless kernel: xla (lax.ragged_dot) | pallas, tokamax (GPU) | auto
       attention_impl="xla",  # xla (einsums, any device) | cudnn (fused flash attention; GPU, bf16)
       remat_policy="none",  # none | full | dots: what the backward pass recomputes per layer
   ))
   c.data = data_defaults()
+  c.objective = "pretrain"  # pretrain (every next token) | sft (completion tokens only; data.dataset=sft_jsonl)
+  # Start from trained weights (a fresh optimizer at step 0, in a new workdir): a workdir (its newest
+  # checkpoint; DIR@STEP for another) or an HF DeepSeek directory. The architecture then comes from there.
+  c.init_from = ""
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,  # > 0: train LoRA adapters of this rank on the frozen init_from weights (models/lora.py)
+      alpha=16.0,  # adapters scale by alpha / rank
+      dropout=0.0,  # rank dropout: each rank component is dropped with this probability per step
+      targets=lora.DEFAULT_TARGETS,  # regex searched in parameter paths such as moe_layers/attn/wq_b
+      base_dtype="",  # the frozen base's dtype: "" = param dtype, bfloat16 halves its memory
+      b_lr_ratio=1.0,  # LoRA+: the B matrices' learning rate is this multiple of optim.peak_lr's schedule
+  ))
 
   c.total_steps = 1000
   c.batch_size = 16  # global sequences per optimizer step

@@ -21,6 +21,7 @@ import sharding
 from data import tokenizers
 from training import eval as eval_lib
 from training import metrics as training_metrics
+from training import step as step_lib
 from training.state import TrainState, split_model
 
 from evaluation import restore
@@ -49,5 +50,6 @@ def evaluate_model(config, model: models.Transformer, tokenizer: tokenizers.Toke
   modeldef, params, bias = split_model(model)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, router_bias=bias, opt_state=None)
   batch_sharding = sharding.batch_sharding(mesh, config.get("sharding_rules"))
-  eval_step = jax.jit(eval_lib.make_eval_step(modeldef, tokenizer.token_byte_lengths(), execution))
+  eval_step = jax.jit(eval_lib.make_eval_step(modeldef, tokenizer.token_byte_lengths(), execution,
+                                              masked=step_lib.is_masked(config)))
   return eval_lib.evaluate(eval_step, state, config, batch_sharding)

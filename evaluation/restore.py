@@ -6,9 +6,10 @@
 
 A workdir holds `config.json` (the run config, written by the training loop; its `model` section is
 `ModelConfig.to_dict()`) and orbax checkpoints in `checkpoints/<step>`. Workdirs written before the
-`execution` section existed (execution fields inside `model`) read the same. Only the `params` and `router_bias` of the saved TrainState are read (a partial
-restore: no optimizer moments, no data-iterator state), straight into the shardings the run's mesh
-gives them, so a model restores on any device count its mesh config resolves to.
+`execution` section existed (execution fields inside `model`) read the same. The weights come through
+`training.weights` (params and router biases only, straight into the shardings of the run's mesh, so a
+model restores on any device count its mesh config resolves to; a LoRA run's adapters merged into its
+base).
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 import sharding
 from configs import common
 from data import pipeline
 from data import tokenizers
+from training import weights
 from training import workdir as workdir_lib
 from training.state import ModelDef
 
@@ -62,59 +62,14 @@ def eval_execution(config, mesh) -> models.Execution:
   return execution
 
 
-def _abstract_state(model_cfg: models.ModelConfig, mesh, rules) -> tuple[ModelDef, dict]:
-  """The ModelDef and an abstract {params, router_bias, step} target carrying the mesh shardings."""
-  modeldef = ModelDef.abstract(model_cfg)
-  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-
-  def tree(template):
-    shardings = nnx.to_pure_dict(sharding.state_shardings(template, mesh, rules))
-    return jax.tree.map(with_sharding, nnx.to_pure_dict(template), shardings)
-
-  target = {"params": tree(modeldef.params_template), "router_bias": tree(modeldef.bias_template),
-            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))}
-  return modeldef, target
-
-
-def restore_params(checkpoint_dir: str, model_cfg: models.ModelConfig, mesh, *, step: int | None = None,
-                   rules=None) -> tuple[models.Transformer, int]:
-  """(model, step) from `checkpoint_dir/<step>` (default: the newest), params and router biases only."""
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-  manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=("state",), options=options)
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoints in {checkpoint_dir}")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir} (have {sorted(steps)})")
-    modeldef, target = _abstract_state(model_cfg, mesh, rules)
-    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True)  # skips opt_state
-    state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
-  finally:
-    manager.close()
-  # A partial restore leaves every parameter the checkpoint lacks as its abstract placeholder: the
-  # checkpoint holds another model than config.json describes.
-  missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
-             if not isinstance(leaf, jax.Array)]
-  if missing:
-    raise models.CheckpointError(
-        f"checkpoint {step} in {checkpoint_dir} lacks {len(missing)} of the parameters the run's config "
-        f"describes (e.g. {', '.join(missing[:3])}): it holds a different model")
-  return modeldef.merge(state["params"], state["router_bias"]), int(step)
-
-
 def load_workdir(workdir: str, *, step: int | None = None, mesh=None
                  ) -> tuple[ml_collections.ConfigDict, models.Transformer, int]:
   """(run config, trained model, checkpoint step) of a training workdir."""
   config = read_config(workdir)
-  model_cfg = models.from_dict(config.model.to_dict())
   mesh = eval_mesh(config) if mesh is None else mesh
-  model, step = restore_params(os.path.join(workdir, "checkpoints"), model_cfg, mesh, step=step,
-                               rules=config.get("sharding_rules"))
-  return config, model, step
+  model_cfg, params, bias, step = weights.load_workdir_weights(workdir, mesh, step=step,
+                                                               rules=config.get("sharding_rules"))
+  return config, ModelDef.abstract(model_cfg).merge(params, bias), step
 
 
 def load_hf(hf_dir: str, *, dtype="float32", seq_len: int = 256, batch_size: int = 16, eval_batches: int = 16,

@@ -20,7 +20,7 @@ from evaluation import tasks as tasks_lib
 
 def evaluate(config, model: models.Transformer, tokenizer: tokenizers.Tokenizer, *, step: int,
              output_dir: str | None, source: str = "", tasks: Sequence[str] = (), task_examples: int = 100,
-             task_batch_size: int = 32, mesh=None) -> dict:
+             task_batch_size: int = 32, task_file: str | None = None, mesh=None) -> dict:
   """Loss / perplexity / bits-per-byte and per-layer expert load over `config.eval_batches` validation
   batches, then the named tasks. Writes results_<step>.json and TensorBoard events to `output_dir`
   (process 0; skipped when None) and returns the results dict."""
@@ -38,7 +38,7 @@ def evaluate(config, model: models.Transformer, tokenizer: tokenizers.Tokenizer,
   tb_scalars = {**scalars, **metrics.flat_scalars(loads)}
   if tasks:
     results["tasks"] = tasks_lib.run(tasks, model, tokenizer, config, num_examples=task_examples,
-                                     batch_size=task_batch_size)
+                                     batch_size=task_batch_size, task_file=task_file)
     tb_scalars.update({f"tasks/{name}/accuracy": r["accuracy"] for name, r in results["tasks"].items()})
   if output_dir and jax.process_index() == 0:
     results["path"] = report.write(output_dir, step, results, tb_scalars)

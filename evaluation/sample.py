@@ -33,9 +33,15 @@ def encode_prompts(tokenizer: tokenizers.Tokenizer, prompts: Sequence[str], *, p
     if not r:
       raise ValueError(f"prompt {i} ({p!r}) encodes to no tokens: generation needs at least one prompt token "
                        "(the byte tokenizer has no BOS to start from)")
+  return pad_prompts(rows, tokenizer.pad_id, pad_to=pad_to)
+
+
+def pad_prompts(rows: Sequence[Sequence[int]], pad_id: int, *, pad_to: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Token-id prompts → (int32 ids [B, T] right-padded with pad_id, int32 lengths [B])."""
   lengths = np.asarray([len(r) for r in rows], np.int32)
   t = max(int(lengths.max()), pad_to or 0)
-  ids = np.full((len(rows), t), tokenizer.pad_id, np.int32)
+  ids = np.full((len(rows), t), pad_id, np.int32)
   for i, r in enumerate(rows):
     ids[i, :len(r)] = r
   return ids, lengths
@@ -70,6 +76,14 @@ def complete(model: models.Transformer, tokenizer: tokenizers.Tokenizer, prompts
              top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0) -> list[str]:
   """One completion per prompt (greedy by default), in one batched, compiled `generate` call."""
   ids, lengths = encode_prompts(tokenizer, prompts, pad_to=pad_to)
+  return complete_ids(model, tokenizer, ids, lengths, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+
+
+def complete_ids(model: models.Transformer, tokenizer: tokenizers.Tokenizer, ids, lengths, *,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, seed: int = 0) -> list[str]:
+  """`complete` for prompts already tokenized and padded (`pad_prompts`)."""
   max_new_tokens = max_new_tokens_that_fit(model, ids.shape[1], max_new_tokens)
   stop = (tokenizer.eos_id,)
   tokens = inference.generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

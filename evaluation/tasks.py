@@ -7,14 +7,20 @@
 `arithmetic`: greedy completions of N validation problems of data/arithmetic.py ("37+48=") in fixed
 size batches (prompts right-padded to one length, so the whole task compiles once), each scored by
 `arithmetic.score` (exact match of the first number); accuracy is the mean score.
+`exact_match`: greedy completions of the prompts of a JSONL file of supervised fine-tuning lines
+(`{"prompt", "completion"}` or `{"messages"}`, rendered as training renders them), each scored 1 when
+it equals the expected completion after stripping surrounding whitespace.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import models
 from data import arithmetic as arithmetic_data
+from data import chat
+from data import sft as sft_data
 from data import tokenizers
 
 from evaluation import sample
@@ -49,15 +55,66 @@ def arithmetic(model: models.Transformer, tokenizer: tokenizers.Tokenizer, *, nu
   return score_completions(problems, completions)
 
 
-TASKS = {"arithmetic": arithmetic}
+def expected_completion(example: dict) -> str:
+  """What an exact-match line asks for: its `completion`, or its last assistant turn's content."""
+  if "completion" in example:
+    return example["completion"]
+  return [m["content"] for m in example["messages"] if m["role"] == "assistant"][-1]
+
+
+def exact_match(model: models.Transformer, tokenizer: tokenizers.Tokenizer, task_file: str, *,
+                template: str | None = None, num_examples: int | None = 100, batch_size: int = 32,
+                max_new_tokens: int | None = None) -> dict:
+  """Accuracy of greedy completions of a JSONL file's prompts, rendered as supervised fine-tuning
+  renders them (data/chat.py, `template`), cut at EOS and compared with each line's completion after
+  stripping surrounding whitespace. num_examples: the first N lines (None = all). max_new_tokens:
+  default the longest expected completion's token count + 8."""
+  records = sft_data.read_examples(task_file)[:num_examples]
+  if not records:
+    raise ValueError(f"{task_file} has no examples")
+  prompts = [chat.prompt_tokens(example, tokenizer, template) for _, _, example in records]
+  for (path, line, _), ids in zip(records, prompts):
+    if len(ids) == 0:
+      raise ValueError(f"{path}:{line}: the prompt encodes to no tokens: generation needs at least one")
+  expected = [expected_completion(example) for _, _, example in records]
+  if max_new_tokens is None:
+    max_new_tokens = max(len(tokenizer.encode(e)) for e in expected) + 8
+  prompt_len = max(len(p) for p in prompts)
+  completions = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start:start + batch_size]
+    padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one batch shape: one compilation
+    ids, lengths = sample.pad_prompts(padded, tokenizer.pad_id, pad_to=prompt_len)
+    completions.extend(sample.complete_ids(model, tokenizer, ids, lengths, max_new_tokens=max_new_tokens)[:len(chunk)])
+  scores = [float(c.strip() == e.strip()) for c, e in zip(completions, expected)]
+  return {
+      "accuracy": sum(scores) / len(scores),
+      "num_examples": len(scores),
+      "task_file": os.path.abspath(task_file),
+      "examples": [{"line": line, "prompt": tokenizer.decode(p), "expected": e, "completion": c, "score": sc}
+                   for (_, line, _), p, e, c, sc in zip(records, prompts, expected, completions, scores)],
+  }
+
+
+TASKS = ("arithmetic", "exact_match")
+NEEDS_TASK_FILE = ("exact_match",)
 
 
 def run(names: Sequence[str], model: models.Transformer, tokenizer: tokenizers.Tokenizer, config, *,
-        num_examples: int = 100, batch_size: int = 32) -> dict[str, dict]:
-  """{task: result} for each named task; data builds into the run's data dir."""
+        num_examples: int = 100, batch_size: int = 32, task_file: str | None = None) -> dict[str, dict]:
+  """{task: result} for each named task; data builds into the run's data dir, and exact_match renders
+  `task_file`'s prompts with the run's chat template."""
   unknown = sorted(set(names) - set(TASKS))
   if unknown:
     raise ValueError(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
-  data_dir = config.data.get("data_dir", "")
-  return {name: TASKS[name](model, tokenizer, num_examples=num_examples, batch_size=batch_size, data_dir=data_dir)
-          for name in names}
+  results = {}
+  for name in names:
+    if name == "arithmetic":
+      results[name] = arithmetic(model, tokenizer, num_examples=num_examples, batch_size=batch_size,
+                                 data_dir=config.data.get("data_dir", ""))
+    else:
+      if not task_file:
+        raise ValueError("the exact_match task needs a task file (eval.py --task_file=F.jsonl)")
+      results[name] = exact_match(model, tokenizer, task_file, template=chat.resolve_template(config.data),
+                                  num_examples=num_examples, batch_size=batch_size)
+  return results

@@ -7,6 +7,6 @@ from models.transformer import ModelOutput, Transformer
 __all__ = ["EXECUTION_FIELDS", "Execution", "ExpertParallel", "ModelConfig", "ModelOutput", "Transformer", "execution_from_dict",
            "from_dict"]
 
-from models.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
+from models.hf import CheckpointError, hf_model_config, load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
 
-__all__ += ["CheckpointError", "load_hf_checkpoint", "save_hf_checkpoint"]
+__all__ += ["CheckpointError", "hf_model_config", "load_hf_checkpoint", "save_hf_checkpoint"]

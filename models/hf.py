@@ -204,16 +204,28 @@ def read_hf_config(ckpt_dir: str) -> dict:
   return hf
 
 
+def hf_model_config(ckpt_dir: str, dtype=jnp.float32, param_dtype=None, **config_overrides) -> ModelConfig:
+  """The ModelConfig `load_hf_checkpoint` builds for this directory, without reading any weight."""
+  read_hf_config(ckpt_dir)  # a missing directory or config.json is reported before the weights
+  return _model_config(ckpt_dir, _Reader(ckpt_dir), dtype, param_dtype, config_overrides, warn=False)
+
+
+def _model_config(ckpt_dir, reader, dtype, param_dtype, config_overrides, *, warn: bool) -> ModelConfig:
+  overrides = dict(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+  cfg = model_config_from_hf(read_hf_config(ckpt_dir), **overrides)
+  if cfg.mtp_depth and not any(k.startswith(f"model.layers.{cfg.num_layers}.") for k in reader.where):
+    if warn:
+      logging.warning("%s declares %d MTP layer(s) but holds no MTP weights; loading without MTP",
+                      ckpt_dir, cfg.mtp_depth)
+    cfg = cfg.replace(mtp_depth=0)
+  return cfg
+
+
 def load_hf_checkpoint(ckpt_dir: str, dtype=jnp.float32, param_dtype=None, **config_overrides) -> Transformer:
   """Reads a DeepSeek-V2/V3 HF checkpoint directory into a Transformer (compute in `dtype`)."""
-  hf = read_hf_config(ckpt_dir)
+  read_hf_config(ckpt_dir)  # a missing directory or config.json is reported before the weights
   reader = _Reader(ckpt_dir)
-  overrides = dict(dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
-  cfg = model_config_from_hf(hf, **overrides)
-  if cfg.mtp_depth and not any(k.startswith(f"model.layers.{cfg.num_layers}.") for k in reader.where):
-    logging.warning("%s declares %d MTP layer(s) but holds no MTP weights; loading without MTP",
-                    ckpt_dir, cfg.mtp_depth)
-    cfg = cfg.replace(mtp_depth=0)
+  cfg = _model_config(ckpt_dir, reader, dtype, param_dtype, config_overrides, warn=True)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))

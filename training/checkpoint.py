@@ -96,6 +96,8 @@ class Checkpointer:
                                 f"newest complete checkpoint is {newest}.") from None
 
   def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    if getattr(state, "base_params", None):  # a LoRA run's frozen base: its init_from holds it
+      state = state.replace(base_params={})
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=grain.checkpoint.CheckpointSave(data_iterator))
     with self._saving(step):

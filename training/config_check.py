@@ -22,7 +22,10 @@ from typing import Any, Callable
 from absl import app
 
 import models
+import models.lora
 from data import sources
+
+OBJECTIVES = ("pretrain", "sft")  # sft: loss only on the batches' loss_mask tokens (completions)
 
 # field path → (check, what it must be). Missing fields are skipped (configs may predate a field).
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -50,9 +53,14 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "loss.mtp_lambda": (lambda v: _real(v) and v >= 0, "a number >= 0"),
     "loss.bias_update_speed": (lambda v: _real(v) and v >= 0, "a number >= 0"),
     "data.worker_count": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
-    "data.dataset": (lambda v: _known_dataset(v), "python_stdlib, python_stdlib/lib, python_stdlib/full or "
-                     "text_files"),
+    "data.dataset": (lambda v: _known_dataset(v), "python_stdlib, python_stdlib/lib, python_stdlib/full, "
+                     "text_files or sft_jsonl"),
     "data.tokenizer": (lambda v: v in ("byte", "sentencepiece", "hf"), "byte, sentencepiece or hf"),
+    "objective": (lambda v: v in OBJECTIVES, " or ".join(OBJECTIVES)),
+    "init_from": (lambda v: isinstance(v, str), "a path (a workdir, DIR@STEP, or an HF directory) or empty"),
+    "lora.rank": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: no LoRA, train every weight)"),
+    "lora.b_lr_ratio": (lambda v: _real(v) and v > 0, "a number > 0 (1: plain LoRA)"),
+    "lora.base_dtype": (lambda v: v in ("", "float32", "bfloat16"), "'' (the param dtype), float32 or bfloat16"),
 }
 
 
@@ -92,6 +100,14 @@ def run_config_problems(config) -> list[str]:
     value = _get(config, path)
     if value is not _MISSING and not ok(value):
       problems.append(f"{path} = {value!r}: must be {rule}")
+  if _get(config, "objective") == "sft" and _get(config, "data.dataset") != "sft_jsonl":
+    problems.append(f"objective = 'sft' trains on completion tokens, which only data.dataset = 'sft_jsonl' marks "
+                    f"(got {_get(config, 'data.dataset')!r})")
+  if is_int(_get(config, "lora.rank")) and config.lora.rank > 0:
+    try:
+      models.lora.LoraConfig.from_dict(config.lora)
+    except (ValueError, TypeError) as e:
+      problems.append(f"lora: {e}")
   if "execution" in config:
     try:
       models.execution_from_dict(config.execution)

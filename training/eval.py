@@ -14,28 +14,33 @@ import numpy as np
 
 import models
 from data import pipeline
+from training import adapters
 from training import loss as loss_lib
 from training.state import ModelDef, TrainState
 from training.step import forward
 
 
-def make_eval_step(modeldef: ModelDef, token_bytes, execution: models.Execution | None = None):
+def make_eval_step(modeldef: ModelDef, token_bytes, execution: models.Execution | None = None, *,
+                   masked: bool = False, lora_cfg=None):
   """eval_step(state, batch) → (sums, loads): sums of next-token NLL (nats), target bytes and targets
   (and of the MTP NLL and targets when the model has MTP); loads = `ModelOutput.expert_loads()`,
-  the routed-token counts per MoE stack (routing decisions, before any capacity dropping)."""
+  the routed-token counts per MoE stack (routing decisions, before any capacity dropping). masked:
+  only the batch's `loss_mask` tokens are targets (supervised fine-tuning); lora_cfg: `state.params`
+  holds LoRA adapters over `state.base_params`."""
   token_bytes = jnp.asarray(token_bytes, jnp.float32)
   execution = models.Execution() if execution is None else execution
   with_mtp = modeldef.cfg.mtp_depth > 0
 
   def eval_step(state: TrainState, batch: dict):
-    out = forward(modeldef, state.params, state.router_bias, batch, with_mtp=with_mtp, execution=execution)
-    mask = loss_lib.target_mask(batch["segment_ids"], 1)
+    params = adapters.model_params(state.params, state.base_params, lora_cfg)
+    out = forward(modeldef, params, state.router_bias, batch, with_mtp=with_mtp, execution=execution)
+    mask = loss_lib.batch_target_mask(batch, 1, masked)
     nll = loss_lib.token_nll(out.logits[:, :-1], batch["tokens"][:, 1:])
     sums = {"nll_sum": jnp.sum(jnp.where(mask, nll, 0.0)),
             "bytes": jnp.sum(jnp.where(mask, token_bytes[batch["tokens"][:, 1:]], 0.0)),
             "count": jnp.sum(mask).astype(jnp.float32)}
     if with_mtp:
-      mtp_mask = loss_lib.target_mask(batch["segment_ids"], 2)
+      mtp_mask = loss_lib.batch_target_mask(batch, 2, masked)
       mtp_nll = loss_lib.token_nll(out.mtp_logits[:, :-1], batch["tokens"][:, 2:])
       sums["mtp_nll_sum"] = jnp.sum(jnp.where(mtp_mask, mtp_nll, 0.0))
       sums["mtp_count"] = jnp.sum(mtp_mask).astype(jnp.float32)

@@ -12,20 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models
 from data import pipeline, sources
 from models import counting
+from training import adapters
 from training import checkpoint as ckpt_lib
 from training import eval as eval_lib
 from training import metrics as metrics_lib
 from training import optimizer as optim_lib
+from training import run_state
 from training import step as step_lib
+from training import weights
 from training import workdir as workdir_lib
-from training.state import ModelDef, TrainState, init_state
 from training.validate import validate_run
 
 import sharding
@@ -33,15 +33,6 @@ import sharding
 
 class NonFiniteLossError(RuntimeError):
   pass
-
-
-def train_state_shardings(abstract_state: TrainState, modeldef: ModelDef, mesh, rules=None) -> TrainState:
-  """NamedShardings for every TrainState leaf: parameters by their logical axes, Adam moments like
-  their parameters, scalars replicated."""
-  params = nnx.to_pure_dict(sharding.state_shardings(modeldef.params_template, mesh, rules))
-  bias = nnx.to_pure_dict(sharding.state_shardings(modeldef.bias_template, mesh, rules))
-  return TrainState(step=NamedSharding(mesh, P()), params=params, router_bias=bias,
-                    opt_state=sharding.tree_shardings_like(params, abstract_state.opt_state, mesh))
 
 
 def train_and_evaluate(config, workdir: str, *, start_over: bool = False) -> dict:
@@ -69,12 +60,9 @@ def _train(config, model_cfg, mesh, execution, workdir: str) -> dict:
   is_main = jax.process_index() == 0
 
   schedule = optim_lib.learning_rate_schedule(config.optim, config.total_steps)
-  tx = optim_lib.make_optimizer(config.optim, config.total_steps)
-  init_fn = lambda: init_state(model_cfg, tx, config.seed)[1]
-  abstract_state = jax.eval_shape(init_fn)
-  modeldef = ModelDef.abstract(model_cfg)
+  tx = optim_lib.make_optimizer(config.optim, config.total_steps, lora_b_lr_ratio=adapters.b_lr_ratio(config))
+  rs = run_state.plan(config, model_cfg, tx, mesh)
   rules = config.get("sharding_rules")
-  state_shardings = train_state_shardings(abstract_state, modeldef, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
 
   if jax.process_count() > 1:  # first use builds the dataset: one process builds, the others wait
@@ -88,20 +76,28 @@ def _train(config, model_cfg, mesh, execution, workdir: str) -> dict:
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   with jax.set_mesh(mesh):
     state, start = checkpointer.restore_latest(
-        ckpt_lib.abstract_with_shardings(abstract_state, state_shardings), train_iter)
-    if state is None:
-      start = 0
-      state = jax.jit(init_fn, out_shardings=state_shardings)()
-      _say(is_main, f"initialised a fresh model in {workdir}")
-    else:
-      _say(is_main, f"resumed from the checkpoint at step {start} in {workdir}")
-    train_step = jax.jit(step_lib.make_train_step(modeldef, tx, schedule, config, execution),
-                         in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
-    eval_step = jax.jit(eval_lib.make_eval_step(modeldef, tokenizer.token_byte_lengths(), execution),
-                        in_shardings=(state_shardings, batch_sharding))
+        ckpt_lib.abstract_with_shardings(rs.abstract, rs.checkpoint_shardings), train_iter)
+  # Outside the mesh context: reading init_from builds abstract models, whose axis names are not mesh axes.
+  if state is None:  # a resumed run continues itself, never its init_from
+    start = 0
+    state = run_state.initial_state(rs, config, tx, mesh)
+    origin = f"from {config.init_from}" if config.get("init_from") else "a fresh model"
+    _say(is_main, f"initialised {origin} in {workdir}")
+  else:
+    state = run_state.attach_base(rs, state, config, mesh)
+    _say(is_main, f"resumed from the checkpoint at step {start} in {workdir}")
+  counts = run_state.param_counts(rs, state)
+  _say(is_main, f"parameters: {counts['params/trainable']:,} trainable of {counts['params/total']:,}"
+       + (f" (LoRA rank {rs.lora_cfg.rank})" if rs.lora_cfg else ""))
+  with jax.set_mesh(mesh):
+    train_step = jax.jit(step_lib.make_train_step(rs.modeldef, tx, schedule, config, execution),
+                         in_shardings=(rs.shardings, batch_sharding),
+                         out_shardings=(rs.shardings, None), donate_argnums=(0,))
+    eval_step = jax.jit(eval_lib.make_eval_step(rs.modeldef, tokenizer.token_byte_lengths(), execution,
+                                                masked=step_lib.is_masked(config), lora_cfg=rs.lora_cfg),
+                        in_shardings=(rs.shardings, batch_sharding))
     return _loop(config, model_cfg, workdir, flops_per_token, state, start, train_iter, train_step, eval_step,
-                 checkpointer, batch_sharding, is_main)
+                 checkpointer, batch_sharding, is_main, counts)
 
 
 def _close_quietly(checkpointer) -> None:
@@ -124,15 +120,19 @@ def _write_run_config(config, model_cfg: models.ModelConfig, workdir: str) -> No
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model = model_cfg.to_dict()
+    if config.get("init_from"):  # eval.py and merges reload a LoRA run's base from here, from any directory
+      source = weights.parse_source(config.init_from)
+      config.init_from = str(source)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=1))
 
 
 def _loop(config, model_cfg, workdir, flops_per_token, state, start, train_iter, train_step, eval_step,
-          checkpointer, batch_sharding, is_main) -> dict:
+          checkpointer, batch_sharding, is_main, param_counts) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   if start == 0:
     writer.write_hparams(config)
+    writer.write(0, param_counts)
   if is_main:
     _write_run_config(config, model_cfg, workdir)
   device = jax.devices()[0]

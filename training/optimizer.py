@@ -33,9 +33,18 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim, total_steps: int, *, lora_b_lr_ratio: float = 1.0) -> optax.GradientTransformation:
+  """Clipping, then AdamW on the schedule. lora_b_lr_ratio != 1 (LoRA+, Hayou et al. 2024): the LoRA
+  adapters' B matrices (leaves named `b`, training/adapters.py) take that multiple of the learning rate."""
+  schedule = learning_rate_schedule(optim, total_steps)
+  adamw = lambda lr: optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                                 mask=decay_mask)
+  if lora_b_lr_ratio == 1.0:
+    return optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw(schedule))
+  labels = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: "b" if str(getattr(path[-1], "key", "")) == "b" else "rest", params)
   return optax.chain(
       optax.clip_by_global_norm(optim.clip_norm),
-      optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                  weight_decay=optim.weight_decay, mask=decay_mask),
+      optax.multi_transform({"rest": adamw(schedule), "b": adamw(lambda step: lora_b_lr_ratio * schedule(step))},
+                            labels),
   )

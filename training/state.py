@@ -24,6 +24,9 @@ class TrainState(flax.struct.PyTreeNode):
   params: dict  # nested dict of float32 master weights
   router_bias: dict  # nested dict of float32 selection biases (may be empty)
   opt_state: Any
+  # LoRA runs (training/adapters.py): the frozen base weights; `params` then holds only the adapters.
+  # Never checkpointed (the run's init_from names them); {} otherwise.
+  base_params: dict = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

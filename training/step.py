@@ -1,4 +1,9 @@
-"""The jitted train step: a pure function of (state, batch)."""
+"""The jitted train step: a pure function of (state, batch).
+
+One step function serves every objective: `pretrain` trains on every next token, `sft` only on the
+batch's `loss_mask` tokens (training/loss.py). A LoRA run (training/adapters.py) differentiates only
+the adapters in `state.params` and runs the model on base + scale·A·B.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 import models
+from training import adapters
 from training import loss as loss_lib
 from training.state import ModelDef, TrainState
 
@@ -28,6 +34,11 @@ def update_router_bias(router_bias: dict, loads: dict, speed: float) -> dict:
   return jax.tree_util.tree_map_with_path(update, router_bias)
 
 
+def is_masked(config) -> bool:
+  """Whether the run's objective trains only on the batches' `loss_mask` tokens."""
+  return config.get("objective", "pretrain") == "sft"
+
+
 def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedule, config,
                     execution: models.Execution | None = None):
   """Returns train_step(state, batch) -> (state, metrics); batch arrays are [B, T]. execution: how the
@@ -36,14 +47,19 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedu
   with_mtp = bool(modeldef.cfg.mtp_depth)
   accum = config.grad_accum_steps
   alpha, mtp_lambda, speed = config.loss.balance_alpha, config.loss.mtp_lambda, config.loss.bias_update_speed
+  masked = is_masked(config)
+  lora_cfg = adapters.lora_config(config)
+  dropout = lora_cfg is not None and lora_cfg.dropout > 0
 
   def train_step(state: TrainState, batch: dict):
-    counts = loss_lib.step_counts(batch, with_mtp)
+    counts = loss_lib.step_counts(batch, with_mtp, masked)
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+    dropout_rng = jax.random.fold_in(jax.random.key(config.seed), state.step) if dropout else None
 
     def micro_loss(params, mb):
-      out = forward(modeldef, params, state.router_bias, mb, with_mtp=with_mtp, execution=execution)
-      terms = loss_lib.loss_terms(out, mb)
+      full = adapters.model_params(params, state.base_params, lora_cfg, dropout_rng)
+      out = forward(modeldef, full, state.router_bias, mb, with_mtp=with_mtp, execution=execution)
+      terms = loss_lib.loss_terms(out, mb, masked)
       loss = loss_lib.combine(terms, counts, accum, alpha=alpha, mtp_lambda=mtp_lambda)
       return loss, (terms, out.expert_loads())
 

@@ -9,18 +9,17 @@ import jax
 
 import models
 import sharding
-from training import config_check, memory
+from data import pipeline
+from models import lora
+from training import adapters, config_check, memory, weights
+from training.state import ModelDef
 
 
 def validate_run(config, workdir: str) -> tuple[models.ModelConfig, jax.sharding.Mesh, models.Execution]:
   """(model config, mesh, execution) of a valid run. Raises one ValueError listing every problem found
   in the run fields, the model, the mesh and the execution, before anything is built."""
   problems = config_check.run_config_problems(config)
-  try:
-    model_cfg = models.from_dict(config.model.to_dict())
-  except (ValueError, TypeError) as e:
-    problems.append(f"model: {e}")
-    model_cfg = None
+  model_cfg = _model_config(config, problems)
   if model_cfg is not None and config_check.is_int(config.seq_len) and config.seq_len > model_cfg.max_position_embeddings:
     problems.append(f"seq_len {config.seq_len} exceeds the model's max_position_embeddings "
                     f"{model_cfg.max_position_embeddings}")
@@ -55,6 +54,36 @@ def validate_run(config, workdir: str) -> tuple[models.ModelConfig, jax.sharding
   _check_workdir(workdir)
   memory.check_fits(memory.plan_memory(config, model_cfg, dict(mesh.shape)), memory.device_memory_bytes())
   return model_cfg, mesh, execution
+
+
+def _model_config(config, problems: list[str]) -> models.ModelConfig | None:
+  """The run's architecture: the model section, or `init_from`'s (whose tokenizer must match the run's).
+  Appends what is wrong to `problems`."""
+  try:
+    if not config.get("init_from"):
+      if config.get("lora") and config.lora.get("rank"):
+        problems.append("lora.rank > 0 needs init_from: the base weights the adapters train on")
+      return models.from_dict(config.model.to_dict())
+    source = weights.parse_source(config.init_from)
+    model_cfg = weights.source_model_config(source, config.model.to_dict())
+  except (ValueError, TypeError, models.CheckpointError) as e:
+    problems.append(str(e) if config.get("init_from") else f"model: {e}")
+    return None
+  try:
+    problems.extend(f"init_from: {p}" for p in weights.tokenizer_problems(source, pipeline.make_tokenizer(config.data)))
+  except ValueError as e:  # the run's or the source's tokenizer cannot be built
+    problems.append(f"init_from: comparing tokenizers: {e}")
+  lora_cfg = None
+  try:
+    lora_cfg = adapters.lora_config(config)
+  except (ValueError, TypeError):
+    pass  # reported by config_check
+  if lora_cfg is not None:
+    try:
+      lora.plan(ModelDef.abstract(model_cfg).params_template, lora_cfg)
+    except ValueError as e:  # a targets regex that matches no weight of this model
+      problems.append(f"lora: {e}")
+  return model_cfg
 
 
 def _check_workdir(workdir: str):

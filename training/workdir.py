@@ -8,7 +8,8 @@
   host is taken over with a warning; one held by a live process, or written by another host (whose
   processes cannot be checked from here), is an error naming the holder.
 - `config.json` records what the checkpoints are: resuming with a different architecture (any
-  `ModelConfig` field, whether or not it changes a shape) or tokenizer is an error naming the fields.
+  `ModelConfig` field, whether or not it changes a shape), tokenizer, init_from or LoRA rank/targets is
+  an error naming the fields.
   Execution settings (backend, attention kernel, remat, capacity) and run fields may change.
 - A workdir with a history (metrics.jsonl) but no checkpoint to resume from is an error, unless the
   run says `start_over`: then the old files move to `WORKDIR/previous-<time>/`, never deleted.
@@ -30,6 +31,7 @@ import models
 LOCK_NAME = "run.lock"
 RECORDS = ("config.json", "metrics.jsonl", "final_metrics.json", "tensorboard", "checkpoints")
 TOKENIZER_FIELDS = ("tokenizer", "tokenizer_path")
+LORA_FIELDS = ("rank", "targets")
 
 
 class WorkdirInUseError(RuntimeError):
@@ -136,9 +138,14 @@ def has_history(workdir: str) -> bool:
   return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
-def has_checkpoints(workdir: str) -> bool:
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of WORKDIR/checkpoints/<step> directories, sorted."""
   directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+
+
+def has_checkpoints(workdir: str) -> bool:
+  return bool(checkpoint_steps(workdir))
 
 
 def check_resume(workdir: str, config, model_cfg: models.ModelConfig, *, start_over: bool = False) -> None:
@@ -177,6 +184,14 @@ def _differences(workdir: str, config, model_cfg: models.ModelConfig) -> list[st
     before, now = saved_data.get(name, ""), config.data.get(name, "")
     if before != now:
       out.append(f"data.{name}: {before!r} in the workdir, {now!r} now")
+  where = lambda v: os.path.abspath(os.path.expanduser(v)) if v else ""
+  before, now = where(saved.get("init_from", "")), where(config.get("init_from", ""))
+  if before != now:
+    out.append(f"init_from: {before!r} in the workdir, {now!r} now")
+  saved_lora, lora_now = saved.get("lora", {}), config.get("lora", {})
+  if saved_lora.get("rank") or lora_now.get("rank"):  # what the checkpoints' adapters are
+    out.extend(f"lora.{name}: {saved_lora.get(name)!r} in the workdir, {lora_now.get(name)!r} now"
+               for name in LORA_FIELDS if saved_lora.get(name) != lora_now.get(name))
   return out
 
 

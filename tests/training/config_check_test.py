@@ -49,7 +49,7 @@ class RunConfigProblemsTest(absltest.TestCase):
         "optim.peak_lr = -0.0003: must be a number > 0",
         "optim.b2 = 1.0: must be a number in [0, 1)",
         "loss.mtp_lambda = nan: must be a number >= 0",
-        "data.dataset = 'c4': must be python_stdlib, python_stdlib/lib, python_stdlib/full or text_files",
+        "data.dataset = 'c4': must be python_stdlib, python_stdlib/lib, python_stdlib/full, text_files or sft_jsonl",
         "execution: unknown remat_policy 'offload'; expected one of ('none', 'full', 'dots')",
     ])
 
@@ -83,7 +83,7 @@ class EntryPointsTest(absltest.TestCase):
     # The workdir does not exist: had eval.py looked at it first, the error would be about it.
     run = _run("eval.py", "--workdir=/nonexistent/workdir", "--tasks=arithmetic,unknown")
     self.assertNotEqual(run.returncode, 0)
-    self.assertEqual(run.stderr.strip(), "eval.py: unknown --tasks ['unknown']; known: ['arithmetic']")
+    self.assertEqual(run.stderr.strip(), "eval.py: unknown --tasks ['unknown']; known: ['arithmetic', 'exact_match']")
 
 
 if __name__ == "__main__":

@@ -152,5 +152,19 @@ class ClippingTest(parameterized.TestCase):
     chex.assert_tree_all_finite(updates)
 
 
+class LoraPlusTest(absltest.TestCase):
+
+  def test_b_matrices_take_the_ratio_times_the_learning_rate(self):
+    adapters = {"attn": {"wq_a": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}}}
+    optim = _optim(peak_lr=0.01, weight_decay=0.0, warmup_fraction=0.0)
+    grads = jax.tree.map(lambda x: 0.5 * x, adapters)
+    plain = _first_update(optim_lib.make_optimizer(optim, total_steps=10), grads, adapters)
+    plus = _first_update(optim_lib.make_optimizer(optim, total_steps=10, lora_b_lr_ratio=16.0), grads, adapters)
+    a, b = plain["attn"]["wq_a"]["a"], plain["attn"]["wq_a"]["b"]
+    np.testing.assert_allclose(np.asarray(plus["attn"]["wq_a"]["a"]), np.asarray(a), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(plus["attn"]["wq_a"]["b"]), 16.0 * np.asarray(b), rtol=1e-6)
+    self.assertLess(float(b[0, 0]), 0.0)  # a real (descending) update, not zero
+
+
 if __name__ == "__main__":
   absltest.main()
