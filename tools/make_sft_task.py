@@ -28,11 +28,16 @@ from absl import flags
 TASKS = ("reverse", "upper", "arithmetic")
 NOISE = "!#$%&?@^_~:;<>/|"
 
-_TASK = flags.DEFINE_enum("task", None, list(TASKS), "Which task.", required=True)
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Directory for train.jsonl and test.jsonl.", required=True)
-_TRAIN = flags.DEFINE_integer("train", 20000, "Train examples.")
-_TEST = flags.DEFINE_integer("test", 200, "Test examples (distinct, held-out words or problems).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when run as a program: importing this module (tests do)
+  must not add required flags to the process's absl flags."""
+  flags.DEFINE_enum("task", None, list(TASKS), "Which task.", required=True)
+  flags.DEFINE_string("out_dir", None, "Directory for train.jsonl and test.jsonl.", required=True)
+  flags.DEFINE_integer("train", 20000, "Train examples.")
+  flags.DEFINE_integer("test", 200, "Test examples (distinct, held-out words or problems).")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
 def _word(rng: random.Random) -> str:
@@ -84,9 +89,11 @@ def write_task(task: str, out_dir: str, train: int = 20000, test: int = 200, see
 
 def main(argv):
   del argv
-  for path in write_task(_TASK.value, _OUT_DIR.value, _TRAIN.value, _TEST.value, _SEED.value):
+  f = flags.FLAGS
+  for path in write_task(f.task, f.out_dir, f.train, f.test, f.seed):
     print(path)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

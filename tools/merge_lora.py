@@ -15,11 +15,6 @@ import sys
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The LoRA run's workdir.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Where the merged weights go (a new or empty directory).", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to merge (default: the newest).")
-_HF = flags.DEFINE_bool("hf", False, "Write an HF DeepSeek directory instead of a workdir checkpoint.")
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -51,15 +46,26 @@ def merge(workdir: str, out: str, *, step: int | None = None, hf: bool = False) 
   return out
 
 
+def define_flags() -> None:
+  """The command line's flags, defined only when run as a program: importing `merge` (tests do) must
+  not add required flags to the process's absl flags."""
+  flags.DEFINE_string("workdir", None, "The LoRA run's workdir.", required=True)
+  flags.DEFINE_string("out", None, "Where the merged weights go (a new or empty directory).", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step to merge (default: the newest).")
+  flags.DEFINE_bool("hf", False, "Write an HF DeepSeek directory instead of a workdir checkpoint.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
   try:
-    written = merge(_WORKDIR.value, _OUT.value, step=_STEP.value, hf=_HF.value)
+    written = merge(f.workdir, f.out, step=f.step, hf=f.hf)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"merge_lora: {e}")
   print(f"wrote merged weights to {written}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -190,7 +190,8 @@ class ApplyTest(absltest.TestCase):
     for layer, expert in [(0, 0), (1, 5)]:
       w = _get(params, "moe_layers/ffn/experts/gate")[layer, expert]
       w2 = _get(merged, "moe_layers/ffn/experts/gate")[layer, expert]
-      want = x @ w + CFG.scale * (x @ ad["a"][layer, expert]) @ ad["b"][layer, expert]
+      want = jnp.dot(x, w, **hi) + CFG.scale * jnp.dot(jnp.dot(x, ad["a"][layer, expert], **hi),
+                                                       ad["b"][layer, expert], **hi)
       np.testing.assert_allclose(jnp.dot(x, w2, **hi), want, atol=1e-5, rtol=1e-5)
 
   def test_merged_model_differs_from_base(self):
