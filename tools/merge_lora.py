@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -59,6 +59,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines would bury the one line this prints
   try:
     written = merge(f.workdir, f.out, step=f.step, hf=f.hf)
   except (ValueError, FileNotFoundError) as e:
