@@ -6,11 +6,8 @@ import json
 import math
 import os
 import signal
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 

@@ -6,7 +6,6 @@ small `tools.make_sft_task` reverse task. Every run is a 4-step train.py subproc
 """
 
 import json
-import os
 import pathlib
 import signal
 import subprocess

@@ -15,7 +15,7 @@ from models import lora
 from training import loss as loss_lib
 from training import optimizer as optim_lib
 from training import step as step_lib
-from training.state import ModelDef, TrainState, split_model
+from training.state import TrainState, split_model
 
 B, T = 2, 16
 SEGMENTS = np.array([[1] * 7 + [2] * 6 + [0] * 3, [1] * 16], np.int32)
