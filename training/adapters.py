@@ -39,6 +39,7 @@ def abstract_adapters(plan, mesh=None, rules=None) -> dict:
 
 
 def adapter_shardings(plan, mesh, rules=None) -> dict:
+  """NamedShardings of the adapters from their logical axes (`lora.adapter_axes`) under the rules."""
   shapes = jax.eval_shape(lambda: lora.init_adapters(plan, jax.random.key(0)))
   axes = lora.adapter_axes(plan)
   return jax.tree.map(lambda names, a: sharding.named_sharding(mesh, names, rules, shape=a.shape), axes, shapes,
