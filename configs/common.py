@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from data import config as data_config
 from models import lora
 
 
@@ -20,18 +21,8 @@ RELEASED_NUMERICS = dict(rms_norm_eps=1e-6, init_std=0.006, dtype="bfloat16", pa
 
 
 def data_defaults() -> ml_collections.ConfigDict:
-  d = ml_collections.ConfigDict()
-  d.dataset = "python_stdlib"  # python_stdlib (embedded, offline) | text_files | sft_jsonl (your files)
-  d.data_dir = ""  # where TFDS builds datasets; "" = ~/.cache/deepseek_jax/tfds
-  d.text_files = ""  # glob of .txt/.jsonl files for dataset=text_files
-  d.sft_files = ""  # dataset=sft_jsonl: comma-separated glob(s) of prompt/completion or messages JSONL
-  d.sft_eval_files = ""  # sft_jsonl validation glob(s); "" = a deterministic ~5 % held out of sft_files
-  d.chat_template = ""  # "" = the hf tokenizer's own if it has one, else "project"; or jinja2 text/file
-  d.tokenizer = "byte"  # byte | sentencepiece | hf
-  d.tokenizer_path = ""  # .model file (sentencepiece) or tokenizer.json (hf)
-  d.shuffle = True
-  d.worker_count = 0  # grain worker processes; 0 = in the training process
-  return d
+  """The run config's `data` section: data/config.py's defaults (the embedded corpus, byte tokenizer)."""
+  return data_config.default_data_config()
 
 
 def run_config(model: dict, **run_fields) -> ml_collections.ConfigDict:

@@ -45,14 +45,23 @@ def arithmetic(model: models.Transformer, tokenizer: tokenizers.Tokenizer, *, nu
   problems = list(problems)
   if not problems:
     raise ValueError("no arithmetic problems to evaluate")
-  prompt_len = max(len(sample.encode_prompts(tokenizer, [p["problem"]])[0][0]) for p in problems)
+  ids, lengths = sample.encode_prompts(tokenizer, [p["problem"] for p in problems])
+  prompts = [row[:n] for row, n in zip(ids, lengths)]
+  return score_completions(problems, greedy_completions(model, tokenizer, prompts, batch_size, max_new_tokens))
+
+
+def greedy_completions(model: models.Transformer, tokenizer: tokenizers.Tokenizer, prompts, batch_size: int,
+                       max_new_tokens: int) -> list[str]:
+  """Greedy completions of token-id prompts, cut at EOS, in batches of one shape (the last padded with
+  copies of its first prompt, every prompt right-padded to the longest), so the task compiles once."""
+  prompt_len = max(len(p) for p in prompts)
   completions = []
-  for start in range(0, len(problems), batch_size):
-    chunk = [p["problem"] for p in problems[start:start + batch_size]]
-    padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one batch shape: one compilation
-    out = sample.complete(model, tokenizer, padded, max_new_tokens=max_new_tokens, pad_to=prompt_len)
-    completions.extend(out[:len(chunk)])
-  return score_completions(problems, completions)
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start:start + batch_size])
+    padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+    ids, lengths = sample.pad_prompts(padded, tokenizer.pad_id, pad_to=prompt_len)
+    completions.extend(sample.complete_ids(model, tokenizer, ids, lengths, max_new_tokens=max_new_tokens)[:len(chunk)])
+  return completions
 
 
 def expected_completion(example: dict) -> str:
@@ -79,13 +88,7 @@ def exact_match(model: models.Transformer, tokenizer: tokenizers.Tokenizer, task
   expected = [expected_completion(example) for _, _, example in records]
   if max_new_tokens is None:
     max_new_tokens = max(len(tokenizer.encode(e)) for e in expected) + 8
-  prompt_len = max(len(p) for p in prompts)
-  completions = []
-  for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start:start + batch_size]
-    padded = chunk + [chunk[0]] * (batch_size - len(chunk))  # one batch shape: one compilation
-    ids, lengths = sample.pad_prompts(padded, tokenizer.pad_id, pad_to=prompt_len)
-    completions.extend(sample.complete_ids(model, tokenizer, ids, lengths, max_new_tokens=max_new_tokens)[:len(chunk)])
+  completions = greedy_completions(model, tokenizer, prompts, batch_size, max_new_tokens)
   scores = [float(c.strip() == e.strip()) for c, e in zip(completions, expected)]
   return {
       "accuracy": sum(scores) / len(scores),

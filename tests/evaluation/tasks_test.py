@@ -56,11 +56,12 @@ def test_arithmetic_task_scores_each_problem_by_its_own_completion(monkeypatch, 
   answers = {p["problem"]: oracle(p) for p in PROBLEMS}
   calls = []
 
-  def complete(model, tokenizer, prompts, **kwargs):
-    calls.append(list(prompts))
+  def complete_ids(model, tokenizer, ids, lengths, **kwargs):
+    prompts = [tokenizer.decode(row[:n]) for row, n in zip(ids, lengths)]
+    calls.append(prompts)
     return [answers[p] for p in prompts]
 
-  monkeypatch.setattr(sample, "complete", complete)
+  monkeypatch.setattr(sample, "complete_ids", complete_ids)
   result = tasks.arithmetic(None, tokenizers.ByteTokenizer(), problems=PROBLEMS, batch_size=2)
   assert [len(c) for c in calls] == [2, 2, 2]
   assert result["accuracy"] == pytest.approx(accuracy)
