@@ -43,7 +43,9 @@ def run_config(model: dict, **run_fields) -> ml_collections.ConfigDict:
       remat_policy="none",  # none | full | dots: what the backward pass recomputes per layer
   ))
   c.data = data_defaults()
-  c.objective = "pretrain"  # pretrain (every next token) | sft (completion tokens only; data.dataset=sft_jsonl)
+  # pretrain (every next token) | sft (completion tokens only; data.dataset=sft_jsonl) | grpo (RL on rule-based
+  # rewards, training/grpo_trainer.py) | distill (a frozen teacher's completions or logits, training/distill.py)
+  c.objective = "pretrain"
   # Start from trained weights (a fresh optimizer at step 0, in a new workdir): a workdir (its newest
   # checkpoint; DIR@STEP for another) or an HF DeepSeek directory. The architecture then comes from there.
   c.init_from = ""
@@ -54,6 +56,32 @@ def run_config(model: dict, **run_fields) -> ml_collections.ConfigDict:
       targets=lora.DEFAULT_TARGETS,  # regex searched in parameter paths such as moe_layers/attn/wq_b
       base_dtype="",  # the frozen base's dtype: "" = param dtype, bfloat16 halves its memory
       b_lr_ratio=1.0,  # LoRA+: the B matrices' learning rate is this multiple of optim.peak_lr's schedule
+      init="random",  # A's start: random (PEFT's) | gradient (top singular directions of the first batch's gradient)
+  ))
+
+  c.grpo = ml_collections.ConfigDict(dict(  # objective = grpo: DeepSeekMath / R1-Zero GRPO
+      group_size=8,  # G completions sampled per prompt; advantages are relative to the group
+      prompts_per_step=16,  # prompts per step (the rollout batch is prompts_per_step * group_size)
+      num_iterations=1,  # μ: optimizer steps on each rollout batch (μ > 1 makes the clipping matter)
+      clip_epsilon=0.2,  # ε: the ratio is clipped to [1 - ε, 1 + ε_high]
+      clip_epsilon_high=0.0,  # ε_high (DAPO's clip-higher); 0 = clip_epsilon
+      kl_beta=0.04,  # β of the k3 KL penalty to the frozen init_from model; 0 skips the reference model
+      loss_aggregation="sequence_mean",  # sequence_mean (GRPO) | token_mean (DAPO) | dr_grpo (Dr. GRPO)
+      scale_rewards=True,  # divide advantages by the group's reward std (Dr. GRPO: False)
+      max_new_tokens=16,  # completion budget per rollout (a row that hits it without EOS is kept)
+      temperature=1.0,  # rollout sampling temperature (the log-probabilities use the same one)
+      top_p=1.0,  # rollout nucleus sampling; 1 = off
+      rewards="arithmetic_exact:1.0",  # name:weight list (training/rewards.py); dotted names import yours
+      eval_prompts=200,  # held-out prompts for eval/accuracy (greedy) at each eval
+  ))
+  c.distill = ml_collections.ConfigDict(dict(  # objective = distill
+      teacher="",  # a workdir (DIR@STEP) or an HF directory: frozen, same tokenizer as the student
+      mode="sequence",  # sequence: SFT on the teacher's completions | logits: KL(teacher || student) + CE
+      num_prompts=0,  # sequence: prompts the teacher completes (0 = all train prompts)
+      max_new_tokens=16,  # sequence: teacher completion budget
+      teacher_temperature=0.0,  # sequence: 0 = greedy teacher completions
+      temperature=1.0,  # logits: τ of both softmaxes (the KL term is scaled by τ²)
+      alpha=0.5,  # logits: loss = alpha * KL + (1 - alpha) * CE
   ))
 
   c.total_steps = 1000

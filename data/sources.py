@@ -15,7 +15,9 @@ import re
 
 from absl import logging
 
-DATASETS = ("python_stdlib", "text_files", "sft_jsonl")  # sft_jsonl: in memory (data/sft.py), no TFDS
+# sft_jsonl: in memory (data/sft.py), no TFDS. arithmetic: data/arithmetic.py's problems, "37+48=85" per document.
+DATASETS = ("python_stdlib", "text_files", "sft_jsonl", "arithmetic")
+ARITHMETIC_CONFIGS = ("d2", "d3", "padded")
 SPLITS = ("train", "validation")
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "deepseek_jax", "tfds")
 
@@ -25,13 +27,16 @@ def data_dir_of(data_config) -> str:
 
 
 def parse_dataset(name: str) -> tuple[str, str | None]:
-  """`python_stdlib` | `python_stdlib/full` | `text_files` | `sft_jsonl` → (dataset, config or None)."""
+  """`python_stdlib` | `python_stdlib/full` | `text_files` | `sft_jsonl` | `arithmetic[/d3]` → (dataset, config
+  or None)."""
   base, _, config = (name or "").partition("/")
   if base not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; expected one of {DATASETS} (python_stdlib may take "
                      "a config: python_stdlib/lib, python_stdlib/full).")
   if base == "python_stdlib" and config not in ("", "lib", "full"):
     raise ValueError(f"Unknown python_stdlib config {config!r}; expected lib or full.")
+  if base == "arithmetic" and config not in ("", *ARITHMETIC_CONFIGS):
+    raise ValueError(f"Unknown arithmetic config {config!r}; expected one of {ARITHMETIC_CONFIGS}.")
   if base == "text_files" and config:
     raise ValueError("text_files takes its files from data_config.text_files, not a config name.")
   if base == "sft_jsonl" and config:
@@ -53,6 +58,9 @@ def _builder_spec(data_config):
   if base == "python_stdlib":
     from data import stdlib_corpus  # pylint: disable=g-import-not-at-top
     return stdlib_corpus.StdlibSource, dict(config=config or stdlib_corpus.StdlibSource.DEFAULT_CONFIG_NAME)
+  if base == "arithmetic":
+    from data import arithmetic  # pylint: disable=g-import-not-at-top
+    return arithmetic.ArithmeticSource, dict(config=config or arithmetic.ArithmeticSource.DEFAULT_CONFIG_NAME)
   from data import text_files  # pylint: disable=g-import-not-at-top
   return text_files.TextFiles, dict(config=text_files.make_config(data_config.get("text_files", "")))
 

@@ -4,8 +4,9 @@
   result["accuracy"], result["examples"][:3]
   results = tasks.run(["arithmetic"], model, tok, config, num_examples=100)   # what eval.py --tasks does
 
-`arithmetic`: greedy completions of N validation problems of data/arithmetic.py ("37+48=") in fixed
-size batches (prompts right-padded to one length, so the whole task compiles once), each scored by
+`arithmetic`: greedy completions of N validation problems of data/arithmetic.py (the run's own
+`arithmetic/<config>` dataset if it has one, else d2; "37+48=", shown through
+the run's `data.prompt_template`, as GRPO showed them in training) in fixed size batches (prompts right-padded to one length, so the whole task compiles once), each scored by
 `arithmetic.score` (exact match of the first number); accuracy is the mean score.
 `exact_match`: greedy completions of the prompts of a JSONL file of supervised fine-tuning lines
 (`{"prompt", "completion"}` or `{"messages"}`, rendered as training renders them), each scored 1 when
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import models
 from data import arithmetic as arithmetic_data
 from data import chat
+from data import prompts as prompts_lib
 from data import sft as sft_data
 from data import tokenizers
 
@@ -38,14 +40,16 @@ def score_completions(problems: Sequence[dict], completions: Sequence[str]) -> d
 
 def arithmetic(model: models.Transformer, tokenizer: tokenizers.Tokenizer, *, num_examples: int = 100,
                batch_size: int = 32, max_new_tokens: int = 8, split: str = "validation", data_dir: str = "",
-               dataset_config: str = "d2", problems: Sequence[dict] | None = None) -> dict:
-  """Exact-match accuracy of greedy answers to `num_examples` problems of `split` (or `problems`)."""
+               dataset_config: str = "d2", problems: Sequence[dict] | None = None,
+               template: str = prompts_lib.DEFAULT_TEMPLATE) -> dict:
+  """Exact-match accuracy of greedy answers to `num_examples` problems of `split` (or `problems`), each
+  shown to the model as `prompts_lib.render(template, problem)` (a run's data.prompt_template)."""
   if problems is None:
     problems = arithmetic_data.load_problems(split, num_examples, data_dir, dataset_config)
   problems = list(problems)
   if not problems:
     raise ValueError("no arithmetic problems to evaluate")
-  ids, lengths = sample.encode_prompts(tokenizer, [p["problem"] for p in problems])
+  ids, lengths = sample.encode_prompts(tokenizer, [prompts_lib.render(template, p["problem"]) for p in problems])
   prompts = [row[:n] for row, n in zip(ids, lengths)]
   return score_completions(problems, greedy_completions(model, tokenizer, prompts, batch_size, max_new_tokens))
 
@@ -113,8 +117,11 @@ def run(names: Sequence[str], model: models.Transformer, tokenizer: tokenizers.T
   results = {}
   for name in names:
     if name == "arithmetic":
+      dataset, _, dataset_config = config.data.get("dataset", "").partition("/")
       results[name] = arithmetic(model, tokenizer, num_examples=num_examples, batch_size=batch_size,
-                                 data_dir=config.data.get("data_dir", ""))
+                                 data_dir=config.data.get("data_dir", ""),
+                                 dataset_config=(dataset_config or "d2") if dataset == "arithmetic" else "d2",
+                                 template=config.data.get("prompt_template", prompts_lib.DEFAULT_TEMPLATE))
     else:
       if not task_file:
         raise ValueError("the exact_match task needs a task file (eval.py --task_file=F.jsonl)")

@@ -13,6 +13,8 @@ otherwise in is the first axis and out the rest (wq_a [D, Rq], wkv_b [R, H, K], 
 
 A starts like PEFT's default (kaiming-uniform with a = √5: uniform(±1/√in_size)), B at zero, so a fresh
 adapter leaves every weight bit for bit as it was (W + 0.0: only a -0.0 entry would turn into +0.0).
+`gradient_aligned` instead points A along the top singular directions of a first batch's gradient
+(B still zero), which a trainer selects with `lora.init = "gradient"`.
 
 Dropout differs from PEFT: PEFT drops the adapter's *input activations*, which has no weight-space
 form. Here `dropout` is rank dropout: with an rng, each rank component of each adapter (per stacked
@@ -47,6 +49,8 @@ from flax import nnx
 DEFAULT_TARGETS = r"(^|/)attn/(wq|wq_a|wq_b|wkv_a|wkv_b|wo)$|(^|/)ffn/(shared/)?(gate|up|down)$"
 WITH_ROUTED_EXPERTS = r"(^|/)attn/(wq|wq_a|wq_b|wkv_a|wkv_b|wo)$|(^|/)ffn/((shared|experts)/)?(gate|up|down)$"
 
+INITS = ("random", "gradient")
+
 # Leading logical axes that index independent weights (one adapter pair each).
 STACKED_AXES = ("layers", "expert")
 
@@ -57,6 +61,7 @@ class LoraConfig:
   alpha: float  # ΔW is scaled by alpha / rank
   dropout: float = 0.0  # rank dropout probability (see the module docstring), in [0, 1)
   targets: str = DEFAULT_TARGETS  # regex searched (re.search) in '/'-joined parameter paths
+  init: str = "random"  # A's start: random (PEFT's default) | gradient (`gradient_aligned`)
 
   def __post_init__(self):
     r, alpha, p = self.rank, self.alpha, self.dropout
@@ -66,6 +71,8 @@ class LoraConfig:
       raise ValueError(f"LoraConfig.alpha must be a finite number > 0, got {alpha!r}")
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
       raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {p!r}")
+    if self.init not in INITS:
+      raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
     if not isinstance(self.targets, str) or not self.targets:
       raise ValueError(f"LoraConfig.targets must be a non-empty regex string, got {self.targets!r}")
     try:
@@ -180,6 +187,35 @@ def init_adapters(adapter_plan: dict[str, AdapterSpec], key, dtype=jnp.float32) 
     a = jax.random.uniform(_fold(key, path), spec.a_shape, jnp.float32, -bound, bound).astype(dtype)
     return {"a": a, "b": jnp.zeros(spec.b_shape, dtype)}
   return _nest(adapter_plan, init)
+
+
+def gradient_aligned(adapter_plan: dict[str, AdapterSpec], adapters: dict, grads: dict) -> dict:
+  """`adapters` with each A replaced by the top-r left singular vectors of its weight's gradient `grads`
+  (a params-shaped dict, e.g. ∂loss/∂W on a first batch), per stacked layer / expert, scaled to the
+  column norm of the default init (√(1/3)); B stays 0, so the model is still exactly the base.
+
+  Why: with B = 0, B's first gradient is s·Aᵀ·G, the gradient projected on A's columns. Random
+  columns keep ~r/in of G's energy; G's own top singular directions keep the most any rank-r A can,
+  so the first steps move ΔW = s·A·B along the best rank-r approximation of the full fine-tuning
+  step (the idea of LoRA-GA, Wang et al. 2024, without its residual base: W stays untouched)."""
+  def init(path, spec):
+    g = _at(grads, spec.keys).astype(jnp.float32)
+    stack, rank = spec.weight_shape[:spec.n_stack], spec.rank
+    g = g.reshape(*stack, spec.in_size, -1)
+    u, _, _ = jnp.linalg.svd(g, full_matrices=False)  # [*stack, in, min(in, out)]
+    a = u[..., :rank]
+    if a.shape[-1] < rank:  # fewer singular directions than the rank: the rest keep their random init
+      a = jnp.concatenate([a, _at(adapters, spec.keys)["a"].reshape(*stack, spec.in_size, rank)[..., a.shape[-1]:]],
+                          axis=-1)
+    dtype = _at(adapters, spec.keys)["a"].dtype
+    return {"a": (a * math.sqrt(1.0 / 3.0)).reshape(spec.a_shape).astype(dtype), "b": _at(adapters, spec.keys)["b"]}
+  return _nest(adapter_plan, init)
+
+
+def _at(tree: Mapping, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
 
 
 def adapter_axes(adapter_plan: dict[str, AdapterSpec]) -> dict:

@@ -98,8 +98,10 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
     if getattr(state, "base_params", None):  # a LoRA run's frozen base: its init_from holds it
       state = state.replace(base_params={})
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iterator))
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:  # None: a run whose data position is a function of the step (GRPO)
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    args = ocp.args.Composite(**items)
     with self._saving(step):
       saved = self.manager.save(step, args=args, force=force)  # also waits for the previous save
     self._pending = step if saved else self._pending
@@ -123,9 +125,10 @@ class Checkpointer:
     unreadable = []
     for step in steps:
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
         logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); falling back to the "
                         "previous one", step, self.directory, type(e).__name__, str(e)[:300])

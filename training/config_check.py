@@ -25,7 +25,11 @@ import models
 import models.lora
 from data import sources
 
-OBJECTIVES = ("pretrain", "sft")  # sft: loss only on the batches' loss_mask tokens (completions)
+# sft: loss only on the batches' loss_mask tokens (completions); grpo: RL on rule-based rewards over sampled
+# completions (training/grpo_trainer.py); distill: a frozen teacher's completions or logits (training/distill.py).
+OBJECTIVES = ("pretrain", "sft", "grpo", "distill")
+DISTILL_MODES = ("sequence", "logits")
+LOSS_AGGREGATIONS = ("sequence_mean", "token_mean", "dr_grpo")
 
 # field path → (check, what it must be). Missing fields are skipped (configs may predate a field).
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -54,12 +58,33 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "loss.bias_update_speed": (lambda v: _real(v) and v >= 0, "a number >= 0"),
     "data.worker_count": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "data.dataset": (lambda v: _known_dataset(v), "python_stdlib, python_stdlib/lib, python_stdlib/full, "
-                     "text_files or sft_jsonl"),
+                     "text_files, sft_jsonl, arithmetic or arithmetic/d3"),
     "data.tokenizer": (lambda v: v in ("byte", "sentencepiece", "hf"), "byte, sentencepiece or hf"),
     "objective": (lambda v: v in OBJECTIVES, " or ".join(OBJECTIVES)),
     "init_from": (lambda v: isinstance(v, str), "a path (a workdir, DIR@STEP, or an HF directory) or empty"),
+    "grpo.group_size": (lambda v: is_int(v) and v >= 2, "an integer >= 2 (a group of one has no baseline)"),
+    "grpo.prompts_per_step": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "grpo.num_iterations": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "grpo.clip_epsilon": (lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)"),
+    "grpo.clip_epsilon_high": (lambda v: _real(v) and v >= 0, "a number >= 0 (0: clip_epsilon)"),
+    "grpo.kl_beta": (lambda v: _real(v) and v >= 0, "a number >= 0 (0: no reference model)"),
+    "grpo.loss_aggregation": (lambda v: v in LOSS_AGGREGATIONS, " or ".join(LOSS_AGGREGATIONS)),
+    "grpo.scale_rewards": (lambda v: isinstance(v, bool), "True or False"),
+    "grpo.max_new_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "grpo.temperature": (lambda v: _real(v) and v > 0, "a number > 0 (rollouts must sample)"),
+    "grpo.top_p": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "grpo.rewards": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty name:weight list"),
+    "grpo.eval_prompts": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: no reward eval)"),
+    "distill.teacher": (lambda v: isinstance(v, str), "a workdir (DIR@STEP) or an HF directory"),
+    "distill.mode": (lambda v: v in DISTILL_MODES, " or ".join(DISTILL_MODES)),
+    "distill.num_prompts": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: every train prompt)"),
+    "distill.max_new_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "distill.teacher_temperature": (lambda v: _real(v) and v >= 0, "a number >= 0 (0: greedy)"),
+    "distill.temperature": (lambda v: _real(v) and v > 0, "a number > 0"),
+    "distill.alpha": (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "lora.rank": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: no LoRA, train every weight)"),
     "lora.b_lr_ratio": (lambda v: _real(v) and v > 0, "a number > 0 (1: plain LoRA)"),
+    "lora.init": (lambda v: v in models.lora.INITS, " or ".join(models.lora.INITS)),
     "lora.base_dtype": (lambda v: v in ("", "float32", "bfloat16"), "'' (the param dtype), float32 or bfloat16"),
 }
 
@@ -103,6 +128,22 @@ def run_config_problems(config) -> list[str]:
   if _get(config, "objective") == "sft" and _get(config, "data.dataset") != "sft_jsonl":
     problems.append(f"objective = 'sft' trains on completion tokens, which only data.dataset = 'sft_jsonl' marks "
                     f"(got {_get(config, 'data.dataset')!r})")
+  objective = _get(config, "objective")
+  if objective == "grpo" and not _get(config, "init_from"):
+    problems.append("objective = 'grpo' improves a trained model: set init_from (a workdir or an HF directory)")
+  if objective == "grpo" and _get(config, "lora.init") == "gradient" and is_int(_get(config, "lora.rank")) \
+      and config.lora.rank > 0:
+    problems.append("lora.init = 'gradient' needs a first training batch, which a grpo run does not have: use random")
+  if objective == "distill" and not _get(config, "distill.teacher"):
+    problems.append("objective = 'distill' needs distill.teacher (a workdir, DIR@STEP or an HF directory)")
+  if objective == "distill" and _get(config, "distill.mode") == "sequence" \
+      and _get(config, "data.dataset") == "sft_jsonl":
+    problems.append("distill.mode = 'sequence' writes its own sft_jsonl data from the teacher; set data.dataset to "
+                    "the prompt source (arithmetic, or data.prompt_files)")
+  if objective in ("grpo", "distill") and _get(config, "data.prompt_template") is not _MISSING:
+    template = _get(config, "data.prompt_template")
+    if not isinstance(template, str) or template.count("{prompt}") != 1:
+      problems.append(f"data.prompt_template = {template!r}: must contain {{prompt}} exactly once")
   if is_int(_get(config, "lora.rank")) and config.lora.rank > 0:
     try:
       models.lora.LoraConfig.from_dict(config.lora)

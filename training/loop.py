@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+from typing import Any, Callable, NamedTuple
 
 import jax
 from absl import logging
@@ -16,7 +17,9 @@ from data import pipeline, sources
 from models import counting
 from training import adapters
 from training import checkpoint as ckpt_lib
+from training import distill
 from training import eval as eval_lib
+from training import grpo_trainer
 from training import metrics as metrics_lib
 from training import optimizer as optim_lib
 from training import run_state
@@ -66,9 +69,21 @@ def _train(config, model_cfg, mesh, execution, workdir: str) -> dict:
     if jax.process_index() == 0:
       sources.prepare(config.data)
     multihost_utils.sync_global_devices("dataset built")
-  train_iter = pipeline.make_iterator(config.data, split="train", seq_len=config.seq_len,
-                                      global_batch_size=config.batch_size, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), seed=config.seed)
+  grpo_run = config.get("objective", "pretrain") == "grpo"
+  train_config, teacher = config, None
+  if distill.is_sequence(config):  # the student trains on the teacher's completions, written once
+    if is_main:
+      distill.write_teacher_data(config, workdir, tokenizer, mesh, execution)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("teacher data written")
+    train_config = _with_data(config, distill.student_data_config(config, workdir))
+  elif distill.is_logits(config):
+    teacher = distill.teacher_model(config, mesh)
+    distill.check_vocab(model_cfg, teacher[0].cfg)
+  # A GRPO run draws its prompts as a pure function of (seed, step): no data iterator to checkpoint.
+  train_iter = None if grpo_run else pipeline.make_iterator(
+      train_config.data, split="train", seq_len=config.seq_len, global_batch_size=config.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed)
   flops_per_token = counting.train_flops_per_token(model_cfg, config.seq_len)  # abstract init: outside the mesh
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   with jax.set_mesh(mesh):
@@ -77,7 +92,12 @@ def _train(config, model_cfg, mesh, execution, workdir: str) -> dict:
   # Outside the mesh context: reading init_from builds abstract models, whose axis names are not mesh axes.
   if state is None:  # a resumed run continues itself, never its init_from
     start = 0
-    state = run_state.initial_state(rs, config, tx, mesh)
+    first_batch = None
+    if rs.lora_cfg is not None and rs.lora_cfg.init == "gradient":  # the batch step 1 will see, from its own iterator
+      first_batch = eval_lib.global_batch(next(pipeline.make_iterator(
+          train_config.data, split="train", seq_len=config.seq_len, global_batch_size=config.batch_size,
+          process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed)), batch_sharding)
+    state = run_state.initial_state(rs, config, tx, mesh, first_batch=first_batch, execution=execution)
     origin = f"from {config.init_from}" if config.get("init_from") else "a fresh model"
     _say(is_main, f"initialised {origin} in {workdir}")
   else:
@@ -86,15 +106,50 @@ def _train(config, model_cfg, mesh, execution, workdir: str) -> dict:
   counts = run_state.param_counts(rs, state)
   _say(is_main, f"parameters: {counts['params/trainable']:,} trainable of {counts['params/total']:,}"
        + (f" (LoRA rank {rs.lora_cfg.rank})" if rs.lora_cfg else ""))
-  with jax.set_mesh(mesh):
-    train_step = jax.jit(step_lib.make_train_step(rs.modeldef, tx, schedule, config, execution),
-                         in_shardings=(rs.shardings, batch_sharding),
-                         out_shardings=(rs.shardings, None), donate_argnums=(0,))
-    eval_step = jax.jit(eval_lib.make_eval_step(rs.modeldef, tokenizer.token_byte_lengths(), execution,
-                                                masked=step_lib.is_masked(config), lora_cfg=rs.lora_cfg),
-                        in_shardings=(rs.shardings, batch_sharding))
-    return _loop(config, model_cfg, workdir, flops_per_token, state, start, train_iter, train_step, eval_step,
-                 checkpointer, batch_sharding, is_main, counts)
+  if grpo_run:
+    trainer = grpo_trainer.GrpoTrainer(config, rs, tx, schedule, mesh, execution, tokenizer, batch_sharding)
+    stepper = Stepper(trainer.step, trainer.evaluate, None, trainer.tokens_per_step)
+  else:
+    teacher_args = () if teacher is None else (teacher[1:],)
+    with jax.set_mesh(mesh):
+      train_step = jax.jit(
+          step_lib.make_train_step(rs.modeldef, tx, schedule, config, execution,
+                                   teacher=None if teacher is None else teacher[0]),
+          in_shardings=(rs.shardings, batch_sharding, *jax.tree.map(lambda x: x.sharding, teacher_args)),
+          out_shardings=(rs.shardings, None), donate_argnums=(0,))
+      eval_step = jax.jit(eval_lib.make_eval_step(rs.modeldef, tokenizer.token_byte_lengths(), execution,
+                                                  masked=step_lib.is_masked(config), lora_cfg=rs.lora_cfg),
+                          in_shardings=(rs.shardings, batch_sharding))
+
+    def advance(state, step):
+      del step
+      with jax.set_mesh(mesh):
+        return train_step(state, eval_lib.global_batch(next(train_iter), batch_sharding), *teacher_args)
+
+    def evaluate(state):
+      with jax.set_mesh(mesh):
+        return eval_lib.evaluate(eval_step, state, train_config, batch_sharding)[0]
+
+    stepper = Stepper(advance, evaluate, train_iter, config.batch_size * config.seq_len)
+  return _loop(config, model_cfg, workdir, flops_per_token, state, start, stepper, checkpointer, is_main, counts)
+
+
+def _with_data(config, data):
+  """A copy of `config` with another data section (what the steps read; config.json keeps the original)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data = data
+  return config
+
+
+class Stepper(NamedTuple):
+  """What the loop drives, per objective: `advance(state, step) -> (state, metrics)` takes step `step`
+  (1-based); `evaluate(state) -> scalars`; the data iterator checkpointed beside the state (None when
+  the objective has none); tokens processed per step (for tokens/s)."""
+  advance: Callable
+  evaluate: Callable
+  data_iterator: Any
+  tokens_per_step: int
 
 
 def _close_quietly(checkpointer) -> None:
@@ -124,8 +179,8 @@ def _write_run_config(config, model_cfg: models.ModelConfig, workdir: str) -> No
     f.write(config.to_json_best_effort(indent=1))
 
 
-def _loop(config, model_cfg, workdir, flops_per_token, state, start, train_iter, train_step, eval_step,
-          checkpointer, batch_sharding, is_main, param_counts) -> dict:
+def _loop(config, model_cfg, workdir, flops_per_token, state, start, stepper: Stepper, checkpointer, is_main,
+          param_counts) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   if start == 0:
     writer.write_hparams(config)
@@ -152,12 +207,11 @@ def _loop(config, model_cfg, workdir, flops_per_token, state, start, train_iter,
 
   try:
     for step in range(start + 1, config.total_steps + 1):
-      batch = eval_lib.global_batch(next(train_iter), batch_sharding)
-      state, step_metrics = train_step(state, batch)
+      state, step_metrics = stepper.advance(state, step)
       if pending is not None:
         check(*pending)
       pending = (step_metrics, step)
-      progress.add_tokens(config.batch_size * config.seq_len)
+      progress.add_tokens(stepper.tokens_per_step)
       if step % config.log_every == 0 or step == config.total_steps:
         check(step_metrics, step)
         scalars = writer.write(step, {**jax.device_get(step_metrics), **progress.perf(step)})
@@ -165,14 +219,14 @@ def _loop(config, model_cfg, workdir, flops_per_token, state, start, train_iter,
           logging.info(progress.line(step, scalars))
           print(progress.line(step, scalars), flush=True)
       if (config.eval_every and step % config.eval_every == 0) or step == config.total_steps:
-        eval_scalars, _ = eval_lib.evaluate(eval_step, state, config, batch_sharding)
+        eval_scalars = stepper.evaluate(state)
         scalars.update(writer.write(step, eval_scalars))
         if is_main:
           print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_scalars.items()), flush=True)
       final = step == config.total_steps
       if step % config.checkpoint_every == 0 or final or stop["signal"]:
         check(step_metrics, step)
-        checkpointer.save(step, state, train_iter, force=True)
+        checkpointer.save(step, state, stepper.data_iterator, force=True)
         _say(is_main, f"step {step}: checkpointing to {checkpointer.directory}/{step}")
         last_good_ckpt = step
       if stop["signal"]:

@@ -130,6 +130,11 @@ class Progress:
 
   def line(self, step: int, scalars: dict) -> str:
     eta = scalars.get("perf/step_time_s", 0.0) * (self.total - step)
+    if "grpo/reward_mean" in scalars:  # an RL step: what the rollouts earned, and where the time went
+      acc = f"  accuracy {scalars['grpo/accuracy']:.3f}" if "grpo/accuracy" in scalars else ""
+      return (f"step {step}/{self.total}  reward {scalars['grpo/reward_mean']:.3f}{acc}  "
+              f"kl {scalars.get('grpo/kl', 0.0):.4f}  rollout {scalars.get('perf/rollout_s', 0.0):.2f} s  "
+              f"update {scalars.get('perf/update_s', 0.0):.2f} s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
     mfu = f"{100 * scalars['perf/mfu']:.1f}%" if "perf/mfu" in scalars else "n/a"
     return (f"step {step}/{self.total}  loss {scalars.get('train/loss', float('nan')):.4f}  "
             f"tokens/s {scalars.get('perf/tokens_per_sec', 0):,.0f}  MFU {mfu}  "

@@ -7,8 +7,9 @@
 The first state is
 - a random init (`config.seed`) when the run has no `init_from`;
 - the `init_from` weights with a fresh optimizer at step 0 (full fine-tuning);
-- with `config.lora.rank` > 0: fresh adapters (B = 0, so the model starts exactly as the source) over
-  the source's frozen weights, held in `base_params` in `config.lora.base_dtype`. Only the adapters and
+- with `config.lora.rank` > 0: fresh adapters (B = 0, so the model starts exactly as the source; A
+  random, or along the base's gradient on the first batch with `lora.init = "gradient"`) over the
+  source's frozen weights, held in `base_params` in `config.lora.base_dtype`. Only the adapters and
   their optimizer state are trained and checkpointed; a resumed LoRA run loads its base again.
 """
 
@@ -26,6 +27,7 @@ import models
 import sharding
 from models import lora
 from training import adapters
+from training import step as step_lib
 from training import weights
 from training.state import ModelDef, TrainState, init_state
 
@@ -66,8 +68,11 @@ def plan(config, model_cfg: models.ModelConfig, tx: optax.GradientTransformation
   return RunState(modeldef, lora_cfg, lora_plan, abstract, shardings)
 
 
-def initial_state(rs: RunState, config, tx: optax.GradientTransformation, mesh) -> TrainState:
-  """The state of step 0: a random init, or built on `config.init_from` (see the module docstring)."""
+def initial_state(rs: RunState, config, tx: optax.GradientTransformation, mesh, *, first_batch=None,
+                  execution: models.Execution | None = None) -> TrainState:
+  """The state of step 0: a random init, or built on `config.init_from` (see the module docstring).
+  A LoRA run with `lora.init = "gradient"` also needs the run's first batch (on the mesh) and execution:
+  its A matrices follow the base's gradient on that batch (`lora.gradient_aligned`)."""
   model_cfg = rs.modeldef.cfg
   if not config.get("init_from"):
     return jax.jit(lambda: init_state(model_cfg, tx, config.seed)[1], out_shardings=rs.shardings)()
@@ -77,12 +82,19 @@ def initial_state(rs: RunState, config, tx: optax.GradientTransformation, mesh) 
     start = lambda p, b: TrainState(step=jnp.zeros((), jnp.int32), params=p, router_bias=b, opt_state=tx.init(p))
     return jax.jit(start, out_shardings=rs.shardings)(params, bias)
 
-  def start_lora(base, b):
+  def start_lora(base, b, batch):
     trained = lora.init_adapters(rs.lora_plan, jax.random.key(config.seed))
+    if batch is not None:
+      grads = jax.grad(step_lib.make_loss(rs.modeldef, config, execution))(base, b, batch)
+      trained = lora.gradient_aligned(rs.lora_plan, trained, grads)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trained, router_bias=b, opt_state=tx.init(trained),
                       base_params=_as_base(base, config))
 
-  return jax.jit(start_lora, out_shardings=rs.shardings)(params, bias)
+  if rs.lora_cfg.init == "gradient" and first_batch is None:
+    raise ValueError("lora.init = 'gradient' needs the run's first batch")
+  with jax.set_mesh(mesh):
+    return jax.jit(start_lora, out_shardings=rs.shardings)(
+        params, bias, first_batch if rs.lora_cfg.init == "gradient" else None)
 
 
 def attach_base(rs: RunState, state: TrainState, config, mesh) -> TrainState:

@@ -35,14 +35,41 @@ def update_router_bias(router_bias: dict, loads: dict, speed: float) -> dict:
 
 
 def is_masked(config) -> bool:
-  """Whether the run's objective trains only on the batches' `loss_mask` tokens."""
-  return config.get("objective", "pretrain") == "sft"
+  """Whether the run's objective trains only on the batches' `loss_mask` tokens (supervised fine-tuning,
+  and sequence distillation, which is SFT on a teacher's completions)."""
+  objective = config.get("objective", "pretrain")
+  return objective == "sft" or (objective == "distill" and config.distill.mode == "sequence")
+
+
+def distill_kl_sum(student_logits_BTV, teacher_logits_BTV, mask_BT, temperature: float):
+  """Σ over masked tokens of KL(softmax(teacher / τ) ‖ softmax(student / τ)), float32."""
+  s_BTV = jax.nn.log_softmax(student_logits_BTV.astype(jnp.float32) / temperature, axis=-1)
+  t_BTV = jax.nn.log_softmax(teacher_logits_BTV.astype(jnp.float32) / temperature, axis=-1)
+  kl_BT = jnp.sum(jnp.exp(t_BTV) * (t_BTV - s_BTV), axis=-1)
+  return jnp.sum(jnp.where(mask_BT, kl_BT, 0.0))
+
+
+def make_loss(modeldef: ModelDef, config, execution: models.Execution | None = None):
+  """loss(params, router_bias, batch) → the run's training loss of one batch on full model weights
+  (what a step differentiates, without accumulation; LoRA's gradient init differentiates the base)."""
+  execution = models.Execution() if execution is None else execution
+  with_mtp, masked = bool(modeldef.cfg.mtp_depth), is_masked(config)
+
+  def loss(params, router_bias, batch):
+    out = forward(modeldef, params, router_bias, batch, with_mtp=with_mtp, execution=execution)
+    counts = loss_lib.step_counts(batch, with_mtp, masked)
+    return loss_lib.combine(loss_lib.loss_terms(out, batch, masked), counts, 1, alpha=config.loss.balance_alpha,
+                            mtp_lambda=config.loss.mtp_lambda)
+  return loss
 
 
 def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedule, config,
-                    execution: models.Execution | None = None):
-  """Returns train_step(state, batch) -> (state, metrics); batch arrays are [B, T]. execution: how the
-  model runs (default `models.Execution()`; the run's comes from `sharding.make_execution`)."""
+                    execution: models.Execution | None = None, teacher: ModelDef | None = None):
+  """Returns train_step(state, batch, teacher_weights=None) -> (state, metrics); batch arrays are [B, T].
+  execution: how the model runs (default `models.Execution()`; the run's comes from
+  `sharding.make_execution`). teacher: logits distillation (training/distill.py); then teacher_weights =
+  (params, router_bias) of the frozen teacher, and the CE term becomes
+  alpha · τ² · KL(teacher ‖ student) + (1 − alpha) · CE over the same target tokens."""
   execution = models.Execution() if execution is None else execution
   with_mtp = bool(modeldef.cfg.mtp_depth)
   accum = config.grad_accum_steps
@@ -51,7 +78,10 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedu
   lora_cfg = adapters.lora_config(config)
   dropout = lora_cfg is not None and lora_cfg.dropout > 0
 
-  def train_step(state: TrainState, batch: dict):
+  if teacher is not None:
+    tau, kd_alpha = float(config.distill.temperature), float(config.distill.alpha)
+
+  def train_step(state: TrainState, batch: dict, teacher_weights=None):
     counts = loss_lib.step_counts(batch, with_mtp, masked)
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
     dropout_rng = jax.random.fold_in(jax.random.key(config.seed), state.step) if dropout else None
@@ -60,6 +90,12 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedu
       full = adapters.model_params(params, state.base_params, lora_cfg, dropout_rng)
       out = forward(modeldef, full, state.router_bias, mb, with_mtp=with_mtp, execution=execution)
       terms = loss_lib.loss_terms(out, mb, masked)
+      if teacher is not None:
+        t_out = forward(teacher, *teacher_weights, mb, with_mtp=False, execution=execution)
+        kl_sum = distill_kl_sum(out.logits[:, :-1], jax.lax.stop_gradient(t_out.logits[:, :-1]),
+                                loss_lib.batch_target_mask(mb, 1, masked), tau)
+        terms["kl_sum"], terms["ce_only_sum"] = kl_sum, terms["ce_sum"]
+        terms["ce_sum"] = kd_alpha * tau ** 2 * kl_sum + (1.0 - kd_alpha) * terms["ce_sum"]
       loss = loss_lib.combine(terms, counts, accum, alpha=alpha, mtp_lambda=mtp_lambda)
       return loss, (terms, out.expert_loads())
 
@@ -78,14 +114,17 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedu
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     router_bias = update_router_bias(state.router_bias, loads, speed) if state.router_bias else state.router_bias
+    ce_sum = terms["ce_only_sum"] if teacher is not None else terms["ce_sum"]
     metrics = {
         "train/loss": loss,
-        "train/ce": terms["ce_sum"] / jnp.maximum(counts["ce_count"], 1.0),
+        "train/ce": ce_sum / jnp.maximum(counts["ce_count"], 1.0),
         "train/balance_loss": terms["balance"] / accum,
         "train/grad_norm": optax.tree.norm(grads),
         "train/lr": schedule(state.step),
         "train/tokens": counts["ce_count"],
     }
+    if teacher is not None:
+      metrics["distill/kl"] = terms["kl_sum"] / jnp.maximum(counts["ce_count"], 1.0)
     if with_mtp:
       metrics["train/mtp_ce"] = terms["mtp_sum"] / jnp.maximum(counts["mtp_count"], 1.0)
     for stack, load in loads.items():  # [L, E] or [E] counts; the metrics writer turns them into stats

@@ -11,7 +11,7 @@ import models
 import sharding
 from data import pipeline
 from models import lora
-from training import adapters, config_check, memory, weights
+from training import adapters, config_check, grpo_trainer, memory, weights
 from training.state import ModelDef
 
 
@@ -49,6 +49,10 @@ def validate_run(config, workdir: str) -> tuple[models.ModelConfig, jax.sharding
     if micro % batch_shards:
       problems.append(f"the microbatch of {micro} sequences does not split over the {batch_shards} batch "
                       f"shards ({' x '.join(sharding.batch_axes(rules))}) of the mesh {dict(mesh.shape)}")
+  if mesh is not None and not problems and config.get("objective") == "grpo":
+    problems.extend(grpo_trainer.config_problems(config, sharding.batch_shards(mesh, rules)))
+  if config.get("objective") == "distill" and config.distill.get("teacher"):
+    problems.extend(_teacher_problems(config))
   if problems:
     raise ValueError("invalid run config:\n  " + "\n  ".join(problems))
   _check_workdir(workdir)
@@ -84,6 +88,15 @@ def _model_config(config, problems: list[str]) -> models.ModelConfig | None:
     except ValueError as e:  # a targets regex that matches no weight of this model
       problems.append(f"lora: {e}")
   return model_cfg
+
+
+def _teacher_problems(config) -> list[str]:
+  """A distillation teacher must exist and share the student's tokenizer (vocab size and special ids)."""
+  try:
+    source = weights.parse_source(config.distill.teacher)
+    return [f"distill.teacher: {p}" for p in weights.tokenizer_problems(source, pipeline.make_tokenizer(config.data))]
+  except (ValueError, models.CheckpointError) as e:
+    return [f"distill.teacher: {e}"]
 
 
 def _check_workdir(workdir: str):

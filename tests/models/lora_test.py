@@ -237,6 +237,62 @@ class GradientTest(absltest.TestCase):
       self.assertGreater(float(jnp.max(jnp.abs(_get(g, path)["a"]))), 0, f"{path}: no gradient reaches A")
 
 
+class GradientInitTest(absltest.TestCase):
+  """lora.init = "gradient": A along the top singular directions of the base's gradient, B still 0."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    _, params, _ = _setup()
+    ids = _ids()
+
+    def loss(p):
+      logits, _ = _forward(p)
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], axis=-1))
+
+    cls.grads = jax.jit(jax.grad(loss))(params)
+    cls.random = lora.init_adapters(_plan(), jax.random.key(0))
+    cls.aligned = lora.gradient_aligned(_plan(), cls.random, cls.grads)
+    cls.loss = staticmethod(loss)
+
+  def _matrices(self, path):
+    spec = _plan()[path]
+    stack = spec.weight_shape[:spec.n_stack]
+    g = np.asarray(_get(self.grads, path), np.float64).reshape(-1, spec.in_size, int(np.prod(spec.weight_shape)) //
+                                                                max(int(np.prod(stack)), 1) // spec.in_size)
+    a = np.asarray(_get(self.aligned, path)["a"], np.float64).reshape(-1, spec.in_size, spec.rank)
+    return g, a
+
+  def test_b_stays_zero_so_the_model_is_the_base(self):
+    _, params, _ = _setup()
+    for path in _plan():
+      np.testing.assert_array_equal(np.asarray(_get(self.aligned, path)["b"]), 0.0)
+      self.assertEqual(_get(self.aligned, path)["a"].shape, _get(self.random, path)["a"].shape)
+    for base, new in zip(_forward(params), _forward(lora.apply(params, self.aligned, CFG))):
+      np.testing.assert_array_equal(np.asarray(new), np.asarray(base))
+
+  def test_a_spans_the_top_singular_directions_of_the_gradient(self):
+    for path in ("moe_layers/attn/wq_b", "moe_layers/attn/wo", "moe_layers/ffn/experts/gate", "dense_layers/ffn/down"):
+      g, a = self._matrices(path)
+      for g_m, a_m in zip(g, a):
+        # Orthogonal columns with the default init's norm √(1/3).
+        np.testing.assert_allclose(a_m.T @ a_m, np.eye(a_m.shape[1]) / 3.0, atol=1e-5, err_msg=path)
+        s = np.linalg.svd(g_m, compute_uv=False)
+        captured = np.sum((a_m.T @ g_m) ** 2) * 3.0  # energy of G in span(A)
+        np.testing.assert_allclose(captured, np.sum(s[:a_m.shape[1]] ** 2), rtol=1e-4, err_msg=path)
+
+  def test_the_first_b_gradient_is_larger_than_with_random_a(self):
+    _, params, _ = _setup()
+    grad_b = lambda adapters: jax.grad(lambda ad: self.loss(lora.apply(params, ad, CFG)))(adapters)
+    g_aligned, g_random = grad_b(self.aligned), grad_b(self.random)
+    norm = lambda g: float(sum(jnp.sum(_get(g, p)["b"] ** 2) for p in _plan()))
+    self.assertGreater(norm(g_aligned), 3.0 * norm(g_random))
+
+  def test_bad_init_name(self):
+    with self.assertRaisesRegex(ValueError, "init must be one of"):
+      lora.LoraConfig(rank=4, alpha=8.0, init="pissa")
+
+
 class RankDropoutTest(absltest.TestCase):
 
   def test_drops_a_fraction_p_of_rank_components(self):
