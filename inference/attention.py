@@ -28,12 +28,16 @@ def _expanded_entries(k_nope_BTHK, v_BTHK, k_pe_BTK) -> dict[str, jax.Array]:
   return {"k": jnp.concatenate([k_nope_BTHK, k_pe_BTHK], axis=-1), "v": v_BTHK}
 
 
-def prefill_attention(attn: MLA, x_BTD, cos_BTK, sin_BTK, mask_B1TT, kind: str):
-  """Causal self-attention over the prompt (as `MLA.__call__`) → (output [B,T,D], cache entries)."""
+def prefill_attention(attn: MLA, x_BTD, cos_BTK, sin_BTK, mask_B1TT, kind: str, impl: str = "xla"):
+  """Causal self-attention over the prompt (as `MLA.__call__`) → (output [B,T,D], cache entries).
+
+  impl: `Execution.attention_impl`. "cudnn" takes the training forward's fused kernel: the prompt is
+  self-attention (T == S) under a plain causal mask (right padding needs no more: padded queries are
+  never read), which is the mask it runs unmasked."""
   q_nope_BTHK, q_pe_BTHK = attn.query(x_BTD, cos_BTK, sin_BTK)
   c_BTR, k_pe_BTK = attn.latent(x_BTD, cos_BTK, sin_BTK)
   k_nope_BTHK, v_BTHK = attn.expand(c_BTR)
-  o_BTHK = attn.expanded_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BTHK, k_pe_BTK, v_BTHK, mask_B1TT)
+  o_BTHK = attn.expanded_attention(q_nope_BTHK, q_pe_BTHK, k_nope_BTHK, k_pe_BTK, v_BTHK, mask_B1TT, impl=impl)
   if kind == "latent":
     entries = {"c": c_BTR, "k_pe": k_pe_BTK}
   else:

@@ -4,14 +4,18 @@ Batches of prompts are right-padded: row b's prompt is ids[b, :lengths[b]], its 
 sits in cache slot p, and each row decodes at its own position (cache.lengths[b]); cache slots at or
 beyond a row's length are masked. So a row gives the same tokens as the prompt alone.
 
-Layers run through the model's own blocks and scan (`models.block.run_stack`) with the attention step
-swapped for a cached one (inference/attention.py); the scan only reads the cache and returns the new
-tokens' entries, written in one scatter afterwards.
+Layers run through the model's own blocks (`run_stack`, as `models.block.run_stack`: a layer scan for
+prefill, unrolled for a decode step) with the attention step swapped for a cached one
+(inference/attention.py) and MoE layers through `inference.experts.moe_ffn` (one read of each chosen
+expert's weights at decode sizes); the layers only read the cache and return the new tokens' entries,
+written in one scatter afterwards.
 
 `prefill`, `decode_step` are plain traceable functions of an nnx model; `jit_prefill`,
 `jit_decode_step` and `generate` split the model and run one compiled call each. All take an optional
 `models.Execution` and run it `for_inference()`: MoE layers route dropless whatever the training
-execution said (token dropping would couple the rows of a batch), with no remat.
+execution said (token dropping would couple the rows of a batch), with no remat; and an execution
+nobody resolved (`Execution()`, the default) is resolved for the platform of the model's parameters
+(`Execution.resolve`: the Pallas grouped matmul on GPUs, `lax.ragged_dot` elsewhere).
 """
 
 from __future__ import annotations
@@ -26,18 +30,85 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from inference import sampling
+from inference import experts, sampling
 from inference.attention import cached_attention, prefill_attention
 from inference.cache import KINDS, KVCache, init_cache
-from models.block import run_stack
+from models.block import AttentionStep, DecoderBlock
 from models.execution import Execution
+from models.moe import MoE
 from models.mla import attention_mask
 from models.rope import rope_tables
 from models.transformer import Transformer
 
 
-def _inference(execution: Execution | None) -> Execution:
-  return (Execution() if execution is None else execution).for_inference()
+def _platform(model: Transformer) -> str:
+  """Where the model's parameters live ("cpu", "gpu", "tpu"); for traced parameters (a caller's jit),
+  the default backend, where that jit runs unless its inputs say otherwise."""
+  leaf = jax.tree.leaves(nnx.state(model))[0]
+  if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+    return next(iter(leaf.devices())).platform
+  return jax.default_backend()
+
+
+def _inference(execution: Execution | None, model: Transformer) -> Execution:
+  """The execution generation runs: dropless, no remat, resolved for the parameters' platform."""
+  execution = (Execution() if execution is None else execution).for_inference()
+  return execution.resolve(_platform(model))
+
+
+def run_stack(stack: DecoderBlock, h_BTD, attention: AttentionStep, execution: Execution, stack_cache=None,
+              layer_states=None):
+  """`models.block.run_stack` for generation → (hidden [B, T, D], cache entries stacked [L, ...]).
+
+  The same blocks (norms, attention step, residuals, FFN), each MoE layer through `experts.moe_ffn`,
+  which indexes the stack's expert weights by layer number; no aux metrics, no remat. Prefill (no
+  stack_cache) runs them as a layer scan; a decode step runs them one after another (unrolled: no loop
+  bookkeeping between layers, ~4 % of a bench-model step), each layer from its entry of `layer_states`
+  when given (`decode_layers`), else from a slice of the stack."""
+  graphdef, state = nnx.split(stack)
+  stacked = experts.stacked_weights(stack)
+  num_layers = jax.tree.leaves(state)[0].shape[0]
+
+  def body(h_BTD, xs):
+    layer, layer_state, layer_cache = xs
+    block = nnx.merge(graphdef, layer_state)
+    out_BTD, entries = attention(block.attn, block.attn_norm(h_BTD), layer_cache)
+    h_BTD = h_BTD + out_BTD
+    x_BTD = block.ffn_norm(h_BTD)
+    if isinstance(block.ffn, MoE):
+      y_BTD = experts.moe_ffn(block.ffn, x_BTD, execution, stacked, layer)
+    else:
+      y_BTD = block.ffn(x_BTD)
+    return h_BTD + y_BTD, entries
+
+  if stack_cache is None:
+    return jax.lax.scan(body, h_BTD, (jnp.arange(num_layers, dtype=jnp.int32), state, None))
+  entries = []
+  for i in range(num_layers):
+    layer_state = jax.tree.map(lambda a: a[i], state) if layer_states is None else layer_states[i]  # pylint: disable=cell-var-from-loop
+    h_BTD, layer_entries = body(h_BTD, (i, layer_state, jax.tree.map(lambda a: a[i], stack_cache)))  # pylint: disable=cell-var-from-loop
+    entries.append(layer_entries)
+  return h_BTD, jax.tree.map(lambda *e: jnp.stack(e), *entries)
+
+
+def decode_layers(model: Transformer, batch: int, execution: Execution | None = None):
+  """Each layer stack's state split into one state per layer ({"dense": [...], "moe": [...]}), for a
+  loop of decode steps to make once before the loop (inside the same jit) and pass to every
+  `decode_step(..., layers=...)`. A decode step that slices its layers out of the stacks copies every
+  slice that feeds an XLA matmul, every step (~0.1 ms of a bench-model step on an H200): so each
+  weight is read once per step, not read, written and read again. None (slice in the step) when MoE
+  layers run the module's experts (CPU/TPU, large batches): these read the per-layer expert weights,
+  which the split would then copy too; inference/experts.py's kernels read the stacked ones. The cost:
+  one copy of the other layer weights while the loop runs (0.35 GB for the bench model)."""
+  execution = _inference(execution, model)
+  if model.moe_layers is not None and not experts.small_batch_kernel(model.moe_layers.ffn, execution, batch):
+    return None
+  layers = {}
+  for name, stack in _stacks(model):
+    state = nnx.state(stack)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+    layers[name] = [jax.tree.map(lambda a: a[i], state) for i in range(num_layers)]  # pylint: disable=cell-var-from-loop
+  return layers
 
 
 def _stacks(model: Transformer):
@@ -57,17 +128,18 @@ def prefill(model: Transformer, ids_BT, lengths_B, cache: KVCache, execution: Ex
   b, t = ids_BT.shape
   if t > cache.max_length:
     raise ValueError(f"prompt length {t} exceeds the cache length {cache.max_length}")
-  execution = _inference(execution)
+  execution = _inference(execution, model)
   kind = cache.kind
   positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   cos_BTK, sin_BTK = rope_tables(positions_BT, model.cfg)
   # Causal alone keeps real tokens off the padding after them; padded queries are never read.
   mask_B1TT = attention_mask(positions_BT, positions_BT)
-  attention = lambda attn, x, _: prefill_attention(attn, x, cos_BTK, sin_BTK, mask_B1TT, kind)
+  attention = lambda attn, x, _: prefill_attention(attn, x, cos_BTK, sin_BTK, mask_B1TT, kind,
+                                                   execution.attention_impl)
   h_BTD = model.embed_tokens(ids_BT)
   new = {}
   for name, stack in _stacks(model):
-    h_BTD, _, entries = run_stack(stack, h_BTD, attention, execution)
+    h_BTD, entries = run_stack(stack, h_BTD, attention, execution)
     stack_cache = getattr(cache, name)
     new[name] = {n: jax.lax.dynamic_update_slice_in_dim(stack_cache[n], e.astype(stack_cache[n].dtype), 0, axis=2)
                  for n, e in entries.items()}
@@ -75,12 +147,14 @@ def prefill(model: Transformer, ids_BT, lengths_B, cache: KVCache, execution: Ex
   return _logits_at(model, h_BTD, cache.lengths - 1), cache
 
 
-def decode_step(model: Transformer, tokens_B, cache: KVCache, execution: Execution | None = None):
+def decode_step(model: Transformer, tokens_B, cache: KVCache, execution: Execution | None = None,
+                layers=None):
   """One new token per row at position cache.lengths[b] → (float32 logits [B, V], updated cache).
 
-  The caller keeps cache.lengths < cache.max_length (a write beyond the cache is dropped)."""
+  The caller keeps cache.lengths < cache.max_length (a write beyond the cache is dropped). layers: the
+  model's `decode_layers`, made once before a loop of steps, or None."""
   b = tokens_B.shape[0]
-  execution = _inference(execution)
+  execution = _inference(execution, model)
   kind = cache.kind
   positions_B1 = cache.lengths[:, None]
   cos_B1K, sin_B1K = rope_tables(positions_B1, model.cfg)
@@ -92,7 +166,8 @@ def decode_step(model: Transformer, tokens_B, cache: KVCache, execution: Executi
   new = {}
   for name, stack in _stacks(model):
     stack_cache = getattr(cache, name)
-    h_B1D, _, entries = run_stack(stack, h_B1D, attention, execution, stack_cache=stack_cache)
+    h_B1D, entries = run_stack(stack, h_B1D, attention, execution, stack_cache=stack_cache,
+                               layer_states=None if layers is None else layers[name])
     new[name] = {n: stack_cache[n].at[:, rows_B1, positions_B1].set(e.astype(stack_cache[n].dtype),
                                                                       mode="drop")
                  for n, e in entries.items()}
@@ -114,13 +189,14 @@ def jit_prefill(model: Transformer, ids_BT, lengths_B, cache: KVCache, execution
   """Compiled `prefill` (the cache argument is donated; MoE layers run dropless)."""
   graphdef, state = nnx.split(model)
   return _prefill_jit(graphdef, state, jnp.asarray(ids_BT, jnp.int32), jnp.asarray(lengths_B, jnp.int32),
-                      cache, _inference(execution))
+                      cache, _inference(execution, model))
 
 
 def jit_decode_step(model: Transformer, tokens_B, cache: KVCache, execution: Execution | None = None):
   """Compiled `decode_step` (the cache argument is donated; MoE layers run dropless)."""
   graphdef, state = nnx.split(model)
-  return _decode_step_jit(graphdef, state, jnp.asarray(tokens_B, jnp.int32), cache, _inference(execution))
+  return _decode_step_jit(graphdef, state, jnp.asarray(tokens_B, jnp.int32), cache,
+                          _inference(execution, model))
 
 
 class Generation(NamedTuple):
@@ -148,6 +224,7 @@ def _generate_jit(graphdef, state, ids_BT, lengths_B, key, *, max_new_tokens: in
                 else None)
   stops = jnp.asarray(stop_tokens, jnp.int32)
   rows_B = jnp.arange(b)
+  layers = decode_layers(model, b, execution)  # once, outside the loop
 
   def emit(step, logits_BV, present_BV, finished_B, count_B, out_BS, steps_BNV):
     if steps_BNV is not None:
@@ -173,7 +250,7 @@ def _generate_jit(graphdef, state, ids_BT, lengths_B, key, *, max_new_tokens: in
 
   def body(carry):
     step, cache, token_B, *rest = carry
-    logits_BV, cache = decode_step(model, token_B, cache, execution)
+    logits_BV, cache = decode_step(model, token_B, cache, execution, layers)
     return (step + 1, cache) + emit(step, logits_BV, *rest)
 
   _, _, _, _, finished_B, count_B, out_BS, steps_BNV = jax.lax.while_loop(cond, body, carry)
@@ -274,8 +351,8 @@ def generate_full(model: Transformer, input_ids, max_new_tokens: int, *, tempera
   sampling_cfg = sampling.SamplingConfig(  # checks each setting's range, naming it
       temperature=temperature, top_k=0 if top_k is None else top_k, top_p=1.0 if top_p is None else top_p,
       repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty)
-  execution = _inference(execution)
-  execution.check(cfg)
+  execution = _inference(execution, model)
+  execution.check(cfg, platform=_platform(model))
   graphdef, state = nnx.split(model)
   return _generate_jit(graphdef, state, ids_BT.astype(jnp.int32), lengths_B, key,
                        max_new_tokens=int(max_new_tokens), cfg=sampling_cfg, stop_tokens=stop_tokens,
@@ -289,10 +366,10 @@ def generate(model: Transformer, input_ids, max_new_tokens: int, **kwargs) -> ja
   (1: off), seed (int or a jax.random key), stop_tokens (ids; a row that emits one is finished and
   then emits pad_id), pad_id (default 0), prompt_lengths ([B]; prompts right-padded in input_ids,
   default all T), cache ("latent", the absorbed MLA cache, or "expanded"), execution (a
-  `models.Execution`, e.g. a run's expert-parallel one; MoE layers always route dropless). Row b of the
-  result is its prompt, then its generated tokens, then pad_id (so with equal lengths: [prompt |
-  generated]). The cache holds T + max_new_tokens positions (past cfg.max_position_embeddings with a
-  warning). Settings other than seed are static (a new setting
-  compiles anew); seed and the prompts are not.
+  `models.Execution`, e.g. a run's expert-parallel one; MoE layers always route dropless; an
+  unresolved one, the default, is resolved for the parameters' platform). Row b of the result is its
+  prompt, then its generated tokens, then pad_id (so with equal lengths: [prompt | generated]). The
+  cache holds T + max_new_tokens positions (past cfg.max_position_embeddings with a warning).
+  Settings other than seed are static (a new setting compiles anew); seed and the prompts are not.
   """
   return generate_full(model, input_ids, max_new_tokens=max_new_tokens, **kwargs).tokens

@@ -1,0 +1,159 @@
+"""DeepSeekMoE at generation's small token counts: each chosen expert's weights read once per step.
+
+A decode step routes only B·k assignments (bench model, batch 32: 192 over 64 experts, ~3 rows per
+expert), so its routed experts are a pure weight stream: ~2/3 of a step's HBM bytes. The training
+path (models/experts.py) is built for 16k-token steps and costs several times that stream here: it
+concatenates gate and up into [E, D, 2F] on every call (two thirds of the experts' bytes written and
+read again, per layer and step) and its grouped-matmul tiles are 128 rows tall. At these sizes,
+`moe_ffn` runs instead:
+- the router, the sort by expert and the shared experts as models/moe.py does;
+- `grouped_ffn`: a Pallas Triton kernel that reads the gate and up tiles of each expert once,
+  accumulates both in float32 and writes silu(x·gate)·(x·up) [A, F]; the same kernel with one weight
+  does the down product. Row tiles are 16 tall (one per expert at decode sizes), and the weights are
+  indexed in the layer stack [L, E, ...] with the layer number, so no layer's experts are sliced out
+  (a slice feeding a kernel is a copy).
+On an H200 (bench model, bf16, batch 32; benchmarks/RESULTS.md) the two kernels stream the experts at
+~4.4 TB/s: 0.71 ms of a decode step, against 1.8 ms through the training path (1.0 ms of it the gate|up
+concatenation). Every expert on every token as batched einsums (no sort, E/k times the arithmetic)
+spends about as long in its products, but XLA first copies each layer's expert weights out of the
+stack (2.4 ms in all).
+Anything else (CPU/TPU, prefill-sized batches, expert parallelism, a tokamax or xla grouped matmul)
+runs the module's own path, so those results are unchanged bit for bit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from models.execution import Execution
+from models.experts import RoutedExperts, assignment_rows, combine, permute_rows, sort_by_expert
+from models.layers import precision_for
+from models.moe import MoE
+
+# Assignments per expert (on average) up to which a step counts as small: decode steps (B·k/E: 3 at
+# batch 32 on the bench model) and short prompts; prefill-sized batches take the training kernels.
+SMALL_ROWS_PER_EXPERT = 32
+
+# Tiles of `grouped_ffn` at decode sizes: it streams weights, so the row tile is the smallest a
+# tensor-core dot takes and the weight tile is [block_k, block_n] per stage (gate and up: two).
+TILES = {"gate_up": dict(block_n=64, block_k=128, num_warps=4, num_stages=4),
+         "down": dict(block_n=128, block_k=128, num_warps=4, num_stages=4)}
+
+
+def small_batch_kernel(moe: MoE, execution: Execution, num_tokens: int) -> bool:
+  """Whether `moe_ffn` runs `num_tokens` through `grouped_ffn` (else through the module)."""
+  cfg = moe.cfg
+  return (execution.grouped_matmul == "pallas" and execution.expert_parallel is None
+          and execution.moe_backend == "dropless" and type(moe.experts) is RoutedExperts  # pylint: disable=unidiomatic-typecheck
+          and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16, jnp.float32)
+          and num_tokens * cfg.num_experts_per_tok <= SMALL_ROWS_PER_EXPERT * cfg.n_routed_experts)
+
+
+def stacked_weights(stack) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+  """(gate [L, E, D, F], up [L, E, D, F], down [L, E, F, D]) of a stack of MoE blocks, else None."""
+  ffn = getattr(stack, "ffn", None)
+  if not isinstance(ffn, MoE) or type(ffn.experts) is not RoutedExperts:  # pylint: disable=unidiomatic-typecheck
+    return None
+  return ffn.experts.weights()
+
+
+def moe_ffn(moe: MoE, x_BTD, execution: Execution, stacked=None, layer=None):
+  """DeepSeekMoE for generation: [B, T, D] → [B, T, D], as `moe(x_BTD, execution)[0]`.
+
+  stacked, layer: the stack's expert weights (`stacked_weights`) and this layer's index in them, when
+  the caller scans a stack; otherwise the module's own weights are used."""
+  b, t, d = x_BTD.shape
+  if not small_batch_kernel(moe, execution, b * t):
+    return moe(x_BTD, execution)[0]
+  cfg = moe.cfg
+  if stacked is None:
+    stacked, layer = tuple(w[None] for w in moe.experts.weights()), 0
+  routing = moe.router(x_BTD)
+  k = cfg.num_experts_per_tok
+  experts_A = routing.experts_BTk.reshape(-1)
+  group_sizes_E, source_S, position_A = sort_by_expert(experts_A, cfg.n_routed_experts)
+  x_SD = permute_rows(assignment_rows(x_BTD.reshape(b * t, d), k).astype(cfg.dtype), source_S, position_A)
+  layer_1 = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+  gate, up, down = stacked  # read in their stored dtype, cast to x's tile by tile in the kernel
+  h_SF = grouped_ffn(x_SD, (gate, up), layer_1, group_sizes_E, **TILES["gate_up"])
+  y_SD = grouped_ffn(h_SF, (down,), layer_1, group_sizes_E, **TILES["down"])
+  y_ND = combine(permute_rows(y_SD, position_A, source_S), routing.weights_BTk.reshape(-1), k)
+  y_BTD = y_ND.astype(x_BTD.dtype).reshape(b, t, d)
+  if moe.shared is not None:
+    y_BTD = y_BTD + moe.shared(x_BTD)
+  return y_BTD
+
+
+def row_tiles(group_sizes_G, m: int, block_m: int):
+  """Row tiles as `models.grouped_matmul.grouped_product` makes them: (group, first row, end row) int32
+  [T] each, T = ceil(m / block_m) + G - 1, tile t covering rows [first, min(first + block_m, end)) of one
+  group, unused tiles empty. The tile → group lookup is one [T, G] comparison: jnp.searchsorted's
+  default method is a while loop, at decode sizes 7 rounds of tiny kernels per layer (~70 µs on an
+  H200, more than a third of the layer's expert time)."""
+  g = group_sizes_G.shape[0]
+  num_tiles = -(-m // block_m) + g - 1
+  ends_G = jnp.cumsum(group_sizes_G)
+  tiles_G = -(-group_sizes_G // block_m)  # per group; 0 for an empty one
+  tile_ends_G = jnp.cumsum(tiles_G)
+  t = jnp.arange(num_tiles, dtype=jnp.int32)
+  group_T = jnp.minimum(jnp.searchsorted(tile_ends_G, t, side="right", method="compare_all"),
+                        g - 1).astype(jnp.int32)
+  first_T = ends_G[group_T] - group_sizes_G[group_T] + (t - tile_ends_G[group_T] + tiles_G[group_T]) * block_m
+  used_T = t < tile_ends_G[-1]
+  return group_T, jnp.where(used_T, first_T, 0), jnp.where(used_T, ends_G[group_T], 0)
+
+
+def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k: int, num_warps: int,
+                num_stages: int, block_m: int = 16, interpret: bool = False):
+  """Rows sorted by group (as models/grouped_matmul.py) times their group's weights in layer
+  `layer_1[0]` of a stack → [M, N] in x's dtype, float32 accumulation; rows past the groups are not
+  written. weights: (w [L, G, K, N],) → x·w, or (gate, up) → silu(x·gate)·(x·up); any float dtype
+  (each tile is cast to x's dtype as it is loaded, so float32 master weights are not copied first)."""
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
+
+  m, k = x_MK.shape
+  n = weights[0].shape[-1]
+  group_T, first_T, end_T = row_tiles(group_sizes_G.astype(jnp.int32), m, block_m)
+  block_n = min(block_n, max(16, 1 << (n - 1).bit_length()))
+  precision = precision_for(x_MK.dtype)  # float32 at full precision (IEEE dots, not TF32)
+
+  def kernel(layer_ref, group_ref, first_ref, end_ref, x_ref, *refs):
+    *w_refs, out_ref = refs
+    j, t = pl.program_id(0), pl.program_id(1)
+    layer, g, first, end = layer_ref[0], group_ref[t], first_ref[t], end_ref[t]
+    rows = (first + jnp.arange(block_m) < end)[:, None]
+    cols = j * block_n + jnp.arange(block_n) < n
+
+    @pl.when(first < end)
+    def _():
+      def step(i, accs):
+        ks = i * block_k + jnp.arange(block_k) < k
+        a = plt.load(x_ref.at[pl.ds(first, block_m), pl.ds(i * block_k, block_k)], mask=rows & ks[None, :],
+                     other=0)
+        out = []
+        for acc, w_ref in zip(accs, w_refs):
+          b = plt.load(w_ref.at[layer, g, pl.ds(i * block_k, block_k), pl.ds(j * block_n, block_n)],
+                       mask=ks[:, None] & cols[None, :], other=0).astype(a.dtype)
+          out.append(acc + jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+                                               preferred_element_type=jnp.float32))
+        return tuple(out)
+
+      zeros = jnp.zeros((block_m, block_n), jnp.float32)
+      accs = jax.lax.fori_loop(0, pl.cdiv(k, block_k), step, tuple(zeros for _ in w_refs))
+      if len(accs) == 1:
+        out = accs[0]
+      else:
+        gate, up = accs
+        out = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) · up
+      plt.store(out_ref.at[pl.ds(first, block_m), pl.ds(j * block_n, block_n)], out.astype(out_ref.dtype),
+                mask=rows & cols[None, :])
+
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
+      grid=(pl.cdiv(n, block_n), group_T.shape[0]),
+      in_specs=[pl.no_block_spec] * (5 + len(weights)), out_specs=pl.no_block_spec,
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="grouped_ffn" if len(weights) == 2 else "grouped_down",
+  )(layer_1, group_T, first_T, end_T, x_MK, *weights)

@@ -1,0 +1,162 @@
+"""Generation's execution resolution and its small-batch experts (inference/experts.py).
+
+The Pallas kernels run interpreted here (CPU); the GPU run of benchmarks/decode.py --check compares
+the compiled ones with the reference (float32 tokens equal)."""
+
+from unittest import mock
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+from flax import nnx
+
+import inference
+import models
+from inference import decode as decode_lib
+from inference import experts
+from models import grouped_matmul
+from tests.inference import tiny_models
+
+B, T, N = 2, 6, 5
+PALLAS = models.Execution(grouped_matmul="pallas")  # what "auto" resolves to on a GPU
+
+
+def _interpreted():
+  """inference/experts.py's kernels in Pallas's interpreter (CPU)."""
+  return mock.patch.dict(experts.TILES, {k: dict(v, interpret=True) for k, v in experts.TILES.items()})
+
+
+def _greedy_loop(model, ids_BT, n, execution, kind="latent"):
+  """prefill + n decode steps in one jit, as generate runs them (decode_layers made before the loop)
+  → (tokens [B, n], step logits [B, n, V], whether decode_layers split the stacks)."""
+  b, t = ids_BT.shape
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, ids_BT):
+    m = nnx.merge(graphdef, state)
+    cache = inference.init_cache(m.cfg, b, t + n, kind)
+    logits_BV, cache = inference.prefill(m, ids_BT, jnp.full((b,), t), cache, execution)
+    layers = inference.decode_layers(m, b, execution)
+
+    def body(i, carry):
+      cache, logits_BV, tokens_BN, logits_BNV = carry
+      token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+      tokens_BN, logits_BNV = tokens_BN.at[:, i].set(token_B), logits_BNV.at[:, i].set(logits_BV)
+      logits_BV, cache = inference.decode_step(m, token_B, cache, execution, layers)
+      return cache, logits_BV, tokens_BN, logits_BNV
+
+    init = (cache, logits_BV, jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n, m.cfg.vocab_size)))
+    _, _, tokens_BN, logits_BNV = jax.lax.fori_loop(0, n, body, init)
+    return tokens_BN, logits_BNV, layers is not None
+
+  tokens, logits, split = run(state, jnp.asarray(ids_BT))
+  return np.asarray(tokens), np.asarray(logits), bool(split)
+
+
+class ResolutionTest(absltest.TestCase):
+
+  def test_generate_resolves_auto_for_the_parameters_platform(self):
+    cfg = tiny_models.v2_lite_style()
+    model = tiny_models.build(cfg)
+    resolved = decode_lib._inference(None, model)  # pylint: disable=protected-access
+    self.assertEqual(resolved.grouped_matmul, "xla")  # CPU parameters
+    self.assertEqual(resolved.moe_backend, "dropless")
+    self.assertEqual(decode_lib._inference(PALLAS, model).grouped_matmul, "pallas")  # pylint: disable=protected-access
+    # "auto" on CPU is the reference path: the same tokens and logits as asking for it.
+    ids = tiny_models.prompts(cfg, B, T, seed=3)
+    auto = inference.generate_full(model, ids, N, output_logits=True)
+    xla = inference.generate_full(model, ids, N, output_logits=True,
+                                  execution=models.Execution(grouped_matmul="xla"))
+    np.testing.assert_array_equal(auto.tokens, xla.tokens)
+    np.testing.assert_array_equal(auto.logits, xla.logits)
+    with self.assertRaisesRegex(ValueError, "needs a GPU"):
+      inference.generate(model, ids, 2, execution=PALLAS)  # checked for the parameters' platform
+
+  def test_decode_layers_only_where_the_kernels_read_the_stacked_experts(self):
+    model = tiny_models.build(tiny_models.v3_style())
+    self.assertIsNone(inference.decode_layers(model, B))  # CPU: the module's experts, per layer
+    layers = inference.decode_layers(model, B, PALLAS)
+    self.assertEqual([len(layers[k]) for k in ("dense", "moe")], [1, 2])
+    chex.assert_trees_all_equal(layers["moe"][1], jax.tree.map(lambda a: a[1], nnx.state(model.moe_layers)))
+    big = experts.SMALL_ROWS_PER_EXPERT * model.cfg.n_routed_experts // model.cfg.num_experts_per_tok + 1
+    self.assertIsNone(inference.decode_layers(model, big, PALLAS))  # prefill-sized: the training kernels
+
+
+class SmallBatchExpertsTest(parameterized.TestCase):
+
+  @parameterized.parameters("float32", "bfloat16")
+  def test_moe_ffn_matches_the_module(self, dtype):
+    cfg = tiny_models.v3_style(dtype=dtype)
+    model = tiny_models.build(cfg)
+    stack = model.moe_layers
+    layer = jax.tree.map(lambda a: a[1], stack)
+    x_BTD = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, cfg.hidden_size)), dtype)
+    reference = layer.ffn(x_BTD, models.Execution())[0]
+    self.assertTrue(experts.small_batch_kernel(layer.ffn, PALLAS, 15))
+    with _interpreted():
+      own = experts.moe_ffn(layer.ffn, x_BTD, PALLAS)  # the layer's own weights
+      stacked = experts.moe_ffn(layer.ffn, x_BTD, PALLAS, experts.stacked_weights(stack), 1)
+    tol = 1e-5 if dtype == "float32" else 3e-2  # bf16: silu·up is rounded once here, twice there
+    scale = float(jnp.abs(reference.astype(jnp.float32)).max())
+    for out in (own, stacked):
+      self.assertEqual(out.dtype, reference.dtype)
+      np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(reference, np.float32),
+                                 atol=tol * scale, rtol=0)
+
+  def test_module_path_where_the_kernels_do_not_apply(self):
+    cfg = tiny_models.v3_style()
+    layer = jax.tree.map(lambda a: a[0], tiny_models.build(cfg).moe_layers)
+    x_BTD = jnp.ones((2, 3, cfg.hidden_size))
+    for execution, tokens in ((models.Execution(grouped_matmul="xla"), 6), (PALLAS, 10_000),
+                              (models.Execution(grouped_matmul="tokamax"), 6)):
+      self.assertFalse(experts.small_batch_kernel(layer.ffn, execution, tokens))
+    chex.assert_trees_all_equal(experts.moe_ffn(layer.ffn, x_BTD, models.Execution()),
+                                layer.ffn(x_BTD, models.Execution())[0])
+
+  def test_row_tiles_match_the_grouped_matmul_tiling(self):
+    sizes = jnp.asarray([0, 5, 17, 1, 0, 40, 3], jnp.int32)
+    for block_m in (16, 32):
+      got = experts.row_tiles(sizes, 70, block_m)
+      want = grouped_matmul._row_tiles(sizes, 70, block_m)  # pylint: disable=protected-access
+      chex.assert_trees_all_equal(got, want)
+
+  def test_grouped_ffn_rows_of_each_group_times_its_weights(self):
+    rng = np.random.default_rng(1)
+    sizes = np.array([3, 0, 20, 1], np.int32)
+    m, k, n, layers = 26, 24, 40, 2  # 2 rows past the groups
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    gate, up = (jnp.asarray(rng.standard_normal((layers, 4, k, n)), jnp.float32) for _ in range(2))
+    tiles = dict(block_n=16, block_k=16, num_warps=4, num_stages=2, interpret=True)
+    out = experts.grouped_ffn(x, (gate, up), jnp.asarray([1], jnp.int32), jnp.asarray(sizes), **tiles)
+    lin = experts.grouped_ffn(x, (gate,), jnp.asarray([0], jnp.int32), jnp.asarray(sizes), **tiles)
+    group = np.repeat(np.arange(4), sizes)
+    for r, g in enumerate(group):
+      hi = jax.lax.Precision.HIGHEST
+      g1, u1 = jnp.dot(x[r], gate[1, g], precision=hi), jnp.dot(x[r], up[1, g], precision=hi)
+      np.testing.assert_allclose(out[r], jax.nn.silu(g1) * u1, rtol=1e-5, atol=1e-4)
+      np.testing.assert_allclose(lin[r], jnp.dot(x[r], gate[0, g], precision=hi), rtol=1e-5, atol=1e-4)
+
+
+class KernelDecodeTest(absltest.TestCase):
+
+  def test_greedy_decode_with_the_kernels_matches_the_reference(self):
+    """float32: prefill and every decode step through the kernels (decode_layers split the stacks)
+    give the reference's tokens, and logits within float32 rounding (the kernels do not depend on the
+    cache kind; decode_test covers both caches on the reference path)."""
+    cfg = tiny_models.v3_style()
+    model = tiny_models.build(cfg, seed=5)
+    ids = tiny_models.prompts(cfg, B, T, seed=7)
+    ref_tokens, ref_logits, ref_split = _greedy_loop(model, ids, N, None)
+    with _interpreted():
+      tokens, logits, split = _greedy_loop(model, ids, N, PALLAS)
+    self.assertFalse(ref_split)
+    self.assertTrue(split)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+
+
+if __name__ == "__main__":
+  absltest.main()
