@@ -20,6 +20,7 @@ stage student_eval $PY eval.py --workdir=$DIR/student --tasks=arithmetic --task_
 stage summary $PY - "$DIR" <<'PYEOF'
 import glob
 import json
+import re
 import sys
 
 d = sys.argv[1]
@@ -38,6 +39,15 @@ def by_op(result):
   return "  ".join(f"{op} {sum(v) / len(v):.3f}" for op, v in sorted(ops.items()))
 
 
+def value_correct(result):
+  """The fraction whose first number has the answer's value in any form ("25.0" counts): the arithmetic
+  the model knows, apart from how it writes it."""
+  def ok(e):
+    m = re.search(r"-?\d+(?:\.\d+)?", e["completion"])
+    return m is not None and float(m.group(0)) == int(e["answer"])
+  return sum(map(ok, result["examples"])) / len(result["examples"])
+
+
 def params(workdir):
   rows = [json.loads(l) for l in open(f"{d}/{workdir}/metrics.jsonl")]
   return int(next(r for r in rows if "params/total" in r)["params/total"])
@@ -51,7 +61,8 @@ print(f"grpo/reward_mean: first {len(first)} steps {sum(v for _, v in first) / l
       f"last {len(last)} steps {sum(v for _, v in last) / len(last):.3f}")
 results = {w: task(w) for w in ("base", "grpo", "student")}
 for w, r in results.items():
-  print(f"{w:8s} params {params(w):>9,}  exact match {r['accuracy']:.3f} over {r['num_examples']}  ({by_op(r)})")
+  print(f"{w:8s} params {params(w):>9,}  exact match {r['accuracy']:.3f} over {r['num_examples']}  ({by_op(r)})"
+        f"  value right in any form {value_correct(r):.3f}")
 print(f"student / teacher accuracy: {results['student']['accuracy'] / max(results['grpo']['accuracy'], 1e-9):.2f}")
 print("problem     answer  base      grpo      student")
 for b, g, s in list(zip(*(results[w]["examples"] for w in ("base", "grpo", "student"))))[:12]:

@@ -8,10 +8,10 @@ the config's `ops` (any of + - *). Subtraction can go negative: "12-37=" → "-2
 Deterministic and disjoint splits: one seeded stream of distinct problems is drawn and cut into
 validation (first `validation_size`), test (next `test_size`) and train (next `train_size`), so the
 same config always gives the same problems and no problem is in two splits. Configs: `d2` (default:
-2-digit operands, 20000/1000/1000), `d3` (3-digit, 50000/1000/1000) and `padded` (2-digit, + and -
-only, 16000/1000/1000, whose `text` writes 9 in 10 answers zero-padded to 3 digits: "37-12=025";
-`answer` stays "25", and the exact-match rule below rejects "025": configs/r1_zero_tiny.py's base
-model learns the padded style and GRPO must find the canonical one). Builds in ~seconds, offline.
+2-digit operands, 20000/1000/1000), `d3` (3-digit, 50000/1000/1000) and `decimal` (2-digit, + and -
+only, 16000/1000/1000, whose `text` writes 9 in 10 answers with a decimal part: "37-12=25.0";
+`answer` stays "25", and the exact-match rule below rejects "25.0": configs/r1_zero_tiny.py's base
+model learns that style and GRPO must find the canonical one). Builds in ~seconds, offline.
 
   source = arithmetic.data_source("validation", data_dir)      # built once into data_dir, then reused
   ex = source[0]                                               # {'problem': b'..', 'answer': b'..', 'text': b'..'}
@@ -81,17 +81,12 @@ def generate_problems(count: int, *, digits: int = 2, ops: str = "+-*", seed: in
   return list(seen)
 
 
-def padded(value: int, width: int) -> str:
-  """`value` written with its digits zero-padded to `width` ("085", "-025"): not canonical when shorter."""
-  return ("-" if value < 0 else "") + str(abs(value)).zfill(width)
-
-
-def example(problem: str, pad_width: int = 0, pad_fraction: float = 0.0) -> dict[str, str]:
-  """{"problem", "answer" (canonical), "text"}; with pad_width, a fixed pseudo-random `pad_fraction` of
-  problems (by a hash of the problem) write the answer in `text` zero-padded to pad_width digits."""
-  value = answer(problem)
-  pad = pad_width and zlib.crc32(problem.encode()) % 1000 < round(pad_fraction * 1000)
-  return {"problem": problem, "answer": str(value), "text": problem + (padded(value, pad_width) if pad else str(value))}
+def example(problem: str, suffix: str = "", suffix_fraction: float = 0.0) -> dict[str, str]:
+  """{"problem", "answer" (canonical), "text"}; with a suffix, a fixed pseudo-random `suffix_fraction` of
+  problems (by a hash of the problem) write `suffix` after the answer in `text` ("37-12=25.0")."""
+  ans = str(answer(problem))
+  styled = suffix and zlib.crc32(problem.encode()) % 1000 < round(suffix_fraction * 1000)
+  return {"problem": problem, "answer": ans, "text": problem + ans + (suffix if styled else "")}
 
 
 @dataclasses.dataclass(eq=False)
@@ -102,10 +97,10 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
   validation_size: int = 1000
   test_size: int = 1000
   seed: int = 0
-  # Texts only: this fraction of answers is written zero-padded to pad_width digits ("37-12=025"); the
-  # "answer" feature (what rewards and eval check) stays canonical. 0 = every text canonical.
-  pad_width: int = 0
-  pad_fraction: float = 0.0
+  # Texts only: this fraction of answers is followed by `suffix` ("37-12=25.0"); the "answer" feature
+  # (what rewards and eval check) stays canonical. "" = every text canonical.
+  suffix: str = ""
+  suffix_fraction: float = 0.0
 
   def splits(self) -> dict[str, tuple[int, int]]:
     """split → [start, stop) in the problem stream."""
@@ -122,9 +117,9 @@ class ArithmeticSource(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       ArithmeticConfig(name="d2", description="2-digit operands (0-99), + - *."),
       ArithmeticConfig(name="d3", description="3-digit operands (0-999), + - *.", digits=3, train_size=50000),
-      ArithmeticConfig(name="padded", description="2-digit operands, + and -; 9 in 10 texts write the answer "
-                       "zero-padded to 3 digits (37-12=025), as a fixed-width ledger would; answers stay canonical.",
-                       ops="+-", train_size=16000, pad_width=3, pad_fraction=0.9),
+      ArithmeticConfig(name="decimal", description="2-digit operands, + and -; 9 in 10 texts write the answer "
+                       "with a decimal part (37-12=25.0), as a spreadsheet would; answers stay canonical.",
+                       ops="+-", train_size=16000, suffix=".0", suffix_fraction=0.9),
   ]
   DEFAULT_CONFIG_NAME = "d2"
 
@@ -150,7 +145,7 @@ class ArithmeticSource(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, problems):
     c = self.builder_config
     for problem in problems:
-      yield problem, example(problem, c.pad_width, c.pad_fraction)
+      yield problem, example(problem, c.suffix, c.suffix_fraction)
 
 
 def builder(data_dir: str = "", config: str | ArithmeticConfig = "d2") -> ArithmeticSource:

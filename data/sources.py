@@ -17,7 +17,7 @@ from absl import logging
 
 # sft_jsonl: in memory (data/sft.py), no TFDS. arithmetic: data/arithmetic.py's problems, "37+48=85" per document.
 DATASETS = ("python_stdlib", "text_files", "sft_jsonl", "arithmetic")
-ARITHMETIC_CONFIGS = ("d2", "d3", "padded")
+ARITHMETIC_CONFIGS = ("d2", "d3", "decimal")
 SPLITS = ("train", "validation")
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "deepseek_jax", "tfds")
 

@@ -45,9 +45,12 @@ from flax import nnx
 # Regexes searched in '/'-joined parameter paths. The default: attention projections, dense MLPs and
 # shared experts, in the main stacks and the MTP block. WITH_ROUTED_EXPERTS adds every routed expert
 # (one adapter pair per expert: E times the adapter parameters of a shared expert). Neither touches
-# embed, lm_head, norms, the router kernel or mtp/eh_proj.
+# embed, lm_head, norms, the router kernel or mtp/eh_proj; WITH_EMBEDDINGS adds embed and lm_head.
 DEFAULT_TARGETS = r"(^|/)attn/(wq|wq_a|wq_b|wkv_a|wkv_b|wo)$|(^|/)ffn/(shared/)?(gate|up|down)$"
 WITH_ROUTED_EXPERTS = r"(^|/)attn/(wq|wq_a|wq_b|wkv_a|wkv_b|wo)$|(^|/)ffn/((shared|experts)/)?(gate|up|down)$"
+# DEFAULT_TARGETS plus the token embedding and the output head: a small vocabulary's head is cheap to adapt
+# and, on a task the base never saw, it is where full fine-tuning moves the weights most.
+WITH_EMBEDDINGS = DEFAULT_TARGETS + r"|^embed$|^lm_head$"
 
 INITS = ("random", "gradient")
 

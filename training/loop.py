@@ -113,12 +113,12 @@ def _train(config, model_cfg, mesh, execution, workdir: str) -> dict:
     teacher_args = () if teacher is None else (teacher[1:],)
     with jax.set_mesh(mesh):
       train_step = jax.jit(
-          step_lib.make_train_step(rs.modeldef, tx, schedule, config, execution,
+          step_lib.make_train_step(rs.modeldef, tx, schedule, train_config, execution,
                                    teacher=None if teacher is None else teacher[0]),
           in_shardings=(rs.shardings, batch_sharding, *jax.tree.map(lambda x: x.sharding, teacher_args)),
           out_shardings=(rs.shardings, None), donate_argnums=(0,))
       eval_step = jax.jit(eval_lib.make_eval_step(rs.modeldef, tokenizer.token_byte_lengths(), execution,
-                                                  masked=step_lib.is_masked(config), lora_cfg=rs.lora_cfg),
+                                                  masked=step_lib.is_masked(train_config), lora_cfg=rs.lora_cfg),
                           in_shardings=(rs.shardings, batch_sharding))
 
     def advance(state, step):

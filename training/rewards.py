@@ -20,6 +20,10 @@ Built-in rewards (each returns 1.0 or 0.0):
                     example["answer"] stripped of surrounding whitespace: data/arithmetic.py's rule (the
                     leftmost `-?\\d+(\\.\\d+)?`, exactly, so "085", "85.0" or "8 5" do not match "85").
   exact_match       (correctness)  1.0 if the answer text stripped == example["answer"] stripped.
+  canonical_number  1.0 if the answer text's first number (the `arithmetic_exact` reading) is an
+                    integer written canonically — no leading zeros, no decimal part, no "-0" — whatever
+                    its value, else 0.0 (also 0.0 with no number). A format reward for arithmetic
+                    answers: right or wrong, say it as the exact-match rule can read it.
   format            1.0 if the completion follows the R1-Zero template, else 0.0. The text checked is
                     the completion, with "<think>" put in front of it when the rendered prompt ends with
                     "<think>" (ignoring trailing whitespace): a template such as data/prompts.py's
@@ -73,6 +77,7 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # non-greedy: the first block only
 _FORMAT = re.compile(r"\A<think>.*</think>\s*<answer>.*</answer>\Z", re.DOTALL)
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_CANONICAL = re.compile(r"^(0|-?[1-9]\d*)$")  # an integer as Python's str(int) writes it (no "-0")
 _MAX_SHOWN = 300  # characters of a completion quoted in an error (completions can be thousands long)
 
 
@@ -134,6 +139,13 @@ def arithmetic_exact(prompt: str, completion: str, example: Mapping) -> float:
 def exact_match(prompt: str, completion: str, example: Mapping) -> float:
   del prompt
   return 1.0 if answer_text(completion).strip() == example["answer"].strip() else 0.0
+
+
+@register("canonical_number")
+def canonical_number(prompt: str, completion: str, example: Mapping) -> float:
+  del prompt, example
+  number = arithmetic.first_number(answer_text(completion))
+  return 1.0 if number is not None and _CANONICAL.match(number) else 0.0
 
 
 @register("format")

@@ -35,10 +35,12 @@ def update_router_bias(router_bias: dict, loads: dict, speed: float) -> dict:
 
 
 def is_masked(config) -> bool:
-  """Whether the run's objective trains only on the batches' `loss_mask` tokens (supervised fine-tuning,
-  and sequence distillation, which is SFT on a teacher's completions)."""
+  """Whether the run's objective trains only on the batches' `loss_mask` tokens: supervised fine-tuning,
+  and sequence distillation, which is SFT on a teacher's completions (its steps see the config with the
+  teacher's sft_jsonl data, training/loop.py; its config.json keeps the prompt data, which eval.py then
+  scores unmasked)."""
   objective = config.get("objective", "pretrain")
-  return objective == "sft" or (objective == "distill" and config.distill.mode == "sequence")
+  return objective == "sft" or (objective == "distill" and config.data.get("dataset") == "sft_jsonl")
 
 
 def distill_kl_sum(student_logits_BTV, teacher_logits_BTV, mask_BT, temperature: float):

@@ -111,10 +111,20 @@ def test_format(prompt, completion, expected):
   assert _value("format", completion, prompt=prompt) == expected
 
 
+@pytest.mark.parametrize("completion, expected", [
+    ("85", 1.0), (" 85 because", 1.0), ("-25", 1.0), ("0", 1.0), ("1000", 1.0),
+    ("085", 0.0), ("-025", 0.0), ("00", 0.0), ("-0", 0.0),  # leading zeros, negative zero
+    ("85.0", 0.0), ("no number", 0.0), ("", 0.0),
+    ("<think>012</think> <answer>12</answer>", 1.0),  # the answer block is what counts
+])
+def test_canonical_number_ignores_the_value(completion, expected):
+  assert _value("canonical_number", completion, example={"prompt": "37+48=", "answer": "999"}) == expected
+
+
 def test_builtins_and_their_flags():
-  assert {"arithmetic_exact", "exact_match", "format"} <= set(rewards.registered())
-  flags = {r.name: r.correctness for r in rewards.parse("arithmetic_exact,exact_match,format")}
-  assert flags == {"arithmetic_exact": True, "exact_match": True, "format": False}
+  assert {"arithmetic_exact", "exact_match", "format", "canonical_number"} <= set(rewards.registered())
+  flags = {r.name: r.correctness for r in rewards.parse("arithmetic_exact,exact_match,format,canonical_number")}
+  assert flags == {"arithmetic_exact": True, "exact_match": True, "format": False, "canonical_number": False}
 
 
 def test_missing_answer_is_an_error_not_a_zero():
@@ -221,7 +231,7 @@ def test_parse_errors_list_the_known_names(spec, message):
   with pytest.raises(ValueError) as e:
     rewards.parse(spec)
   assert message in str(e.value)
-  assert "arithmetic_exact, exact_match, format" in str(e.value)  # the known names
+  assert "arithmetic_exact, canonical_number, exact_match, format" in str(e.value)  # the known names
   assert "package.module.function" in str(e.value)
 
 
