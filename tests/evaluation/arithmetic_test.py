@@ -70,3 +70,18 @@ def test_builder_is_deterministic_with_fixed_disjoint_splits(tmp_path):
     assert arithmetic.score(e["problem"], e["answer"]) == 1.0
   # Reused, not rebuilt: a second load from the same data dir reads the same files.
   assert arithmetic.load_problems("validation", 5, str(tmp_path / "a"), _small()) == first["validation"][:5]
+
+
+def test_a_text_style_changes_the_text_only():
+  problems = arithmetic.generate_problems(2000, digits=2, ops="+-", seed=0)
+  examples = [arithmetic.example(p, ".0", 0.9) for p in problems]
+  styled = [e for e in examples if e["text"].endswith(".0")]
+  assert 0.85 < len(styled) / len(examples) < 0.95  # 9 in 10, by a hash of the problem
+  for e in examples:
+    assert e["answer"] == str(arithmetic.answer(e["problem"]))  # the answer stays canonical
+    assert e["text"] in (e["problem"] + e["answer"], e["problem"] + e["answer"] + ".0")
+    assert arithmetic.score(e["problem"], e["text"][len(e["problem"]):]) == float(e not in styled)
+  assert [arithmetic.example(p, ".0", 0.9) for p in problems[:50]] == examples[:50]  # deterministic
+  assert all(arithmetic.example(p)["text"] == p + str(arithmetic.answer(p)) for p in problems[:50])
+  decimal = next(c for c in arithmetic.ArithmeticSource.BUILDER_CONFIGS if c.name == "decimal")
+  assert (decimal.ops, decimal.suffix, decimal.suffix_fraction) == ("+-", ".0", 0.9)
