@@ -17,13 +17,18 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "Number of pieces (>= 256 bytes + specials + chars).")
-_OUT = flags.DEFINE_string("out", None, "Where to write the .model file.", required=True)
-_DATASET = flags.DEFINE_string("dataset", "python_stdlib", "python_stdlib | text_files")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir; '' = ~/.cache/deepseek_jax/tfds")
-_TEXT_FILES = flags.DEFINE_string("text_files", "", "Glob or directory for --dataset=text_files.")
-_MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece algorithm.")
-_MAX_LINES = flags.DEFINE_integer("max_lines", 300_000, "Lines sampled for training (speed bound).")
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when run as a program: importing `train` (tests do) must not
+  add a required --out to the process's absl flags, which other libraries (tokamax) parse."""
+  flags.DEFINE_integer("vocab_size", 8192, "Number of pieces (>= 256 bytes + specials + chars).")
+  flags.DEFINE_string("out", None, "Where to write the .model file.", required=True)
+  flags.DEFINE_string("dataset", "python_stdlib", "python_stdlib | text_files")
+  flags.DEFINE_string("data_dir", "", "TFDS data dir; '' = ~/.cache/deepseek_jax/tfds")
+  flags.DEFINE_string("text_files", "", "Glob or directory for --dataset=text_files.")
+  flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece algorithm.")
+  flags.DEFINE_integer("max_lines", 300_000, "Lines sampled for training (speed bound).")
 
 
 def training_lines(texts, max_lines: int, seed: int = 0) -> list[str]:
@@ -67,18 +72,19 @@ def train(texts, vocab_size: int, out: str, model_type: str = "bpe", max_lines: 
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   from data import config as data_config_lib  # pylint: disable=g-import-not-at-top
   from data import sources  # pylint: disable=g-import-not-at-top
   cfg = data_config_lib.default_data_config()
-  cfg.dataset, cfg.data_dir, cfg.text_files = _DATASET.value, _DATA_DIR.value, _TEXT_FILES.value
+  cfg.dataset, cfg.data_dir, cfg.text_files = f.dataset, f.data_dir, f.text_files
   source = sources.data_source(cfg, "train")
   texts = (source[i]["text"].decode("utf-8") for i in range(len(source)))
-  train(texts, _VOCAB_SIZE.value, _OUT.value, _MODEL_TYPE.value, _MAX_LINES.value)
+  train(texts, f.vocab_size, f.out, f.model_type, f.max_lines)
   from data import tokenizers  # pylint: disable=g-import-not-at-top
-  vocab = tokenizers.SentencePieceTokenizer(_OUT.value).vocab_size  # < --vocab_size on tiny corpora
-  logging.info("Wrote %s (vocab %d) trained on %d %s train documents.", _OUT.value, vocab,
-               len(source), cfg.dataset)
+  vocab = tokenizers.SentencePieceTokenizer(f.out).vocab_size  # < --vocab_size on tiny corpora
+  logging.info("Wrote %s (vocab %d) trained on %d %s train documents.", f.out, vocab, len(source), cfg.dataset)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

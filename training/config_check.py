@@ -58,7 +58,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "loss.bias_update_speed": (lambda v: _real(v) and v >= 0, "a number >= 0"),
     "data.worker_count": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "data.dataset": (lambda v: _known_dataset(v), "python_stdlib, python_stdlib/lib, python_stdlib/full, "
-                     "text_files, sft_jsonl, arithmetic or arithmetic/d3"),
+                     "text_files, sft_jsonl, arithmetic or arithmetic/<d2|d3|decimal>"),
     "data.tokenizer": (lambda v: v in ("byte", "sentencepiece", "hf"), "byte, sentencepiece or hf"),
     "objective": (lambda v: v in OBJECTIVES, " or ".join(OBJECTIVES)),
     "init_from": (lambda v: isinstance(v, str), "a path (a workdir, DIR@STEP, or an HF directory) or empty"),

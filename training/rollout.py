@@ -31,7 +31,7 @@ import inference
 import models
 from data import prompts as prompts_lib
 from data import tokenizers
-from evaluation import sample as sample_lib
+from inference import prompts as prompt_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,7 @@ def encode_prompts(records: Sequence[dict], tokenizer: tokenizers.Tokenizer, tem
   if not records:
     raise ValueError("no prompts to roll out")
   texts = [prompts_lib.render(template, r["prompt"]) for r in records]
-  ids, lengths = sample_lib.encode_prompts(tokenizer, texts)
+  ids, lengths = prompt_ids.encode_prompts(tokenizer, texts)
   return Prompts(list(records), texts, ids, lengths)
 
 
@@ -100,7 +100,7 @@ def sample(model: models.Transformer, prompts: Prompts, indices: np.ndarray, tok
                                 stop_tokens=stop, pad_id=tokenizer.pad_id, prompt_lengths=lengths,
                                 execution=execution)
   tokens, num, finished = jax.device_get((gen.tokens, gen.num_generated, gen.finished))
-  completions = [tokenizer.decode(c) for c in sample_lib.completion_ids(tokens, lengths, max_new_tokens, stop)]
+  completions = [tokenizer.decode(c) for c in prompt_ids.completion_ids(tokens, lengths, max_new_tokens, stop)]
   return Rollout(indices, np.asarray(tokens, np.int32), np.asarray(lengths, np.int32), np.asarray(num, np.int32),
                  np.asarray(finished), completions)
 

@@ -213,7 +213,7 @@ def test_arithmetic(arithmetic_dir):
     (dict(dataset="sft_jsonl"), "got dataset 'sft_jsonl' and no prompt_files"),
     (dict(dataset=""), "GRPO prompts come from"),
     (dict(dataset="arithmetics"), "GRPO prompts come from"),
-    (dict(dataset="arithmetic/d4"), r"unknown arithmetic config 'd4'; expected one of \('d2', 'd3'\)"),
+    (dict(dataset="arithmetic/d4"), r"unknown arithmetic config 'd4'; expected one of \('d2', 'd3', 'decimal'\)"),
 ])
 def test_dataset_errors(overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -49,7 +49,7 @@ class RunConfigProblemsTest(absltest.TestCase):
         "optim.peak_lr = -0.0003: must be a number > 0",
         "optim.b2 = 1.0: must be a number in [0, 1)",
         "loss.mtp_lambda = nan: must be a number >= 0",
-        "data.dataset = 'c4': must be python_stdlib, python_stdlib/lib, python_stdlib/full, text_files or sft_jsonl",
+        "data.dataset = 'c4': must be python_stdlib, python_stdlib/lib, python_stdlib/full, text_files, sft_jsonl, arithmetic or arithmetic/<d2|d3|decimal>",
         "execution: unknown remat_policy 'offload'; expected one of ('none', 'full', 'dots')",
     ])
 
