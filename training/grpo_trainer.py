@@ -113,9 +113,8 @@ class GrpoTrainer:
     total, per_name, correct = rewards_lib.score(self.rewards, texts, out.completions, records)
     advantages = grpo.group_advantages(jnp.asarray(total), self.group_size, scale=bool(g.scale_rewards))
     batch = {**rollout.update_batch(out), "advantages": np.asarray(advantages, np.float32)}
-    batch = jax.device_put(batch, {k: self.batch_sharding for k in batch} | {
-        "advantages": jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
-            self.batch_sharding.spec[0]))})
+    rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.batch_sharding.spec[0]))
+    batch = jax.device_put(batch, {k: rows if k == "advantages" else self.batch_sharding for k in batch})
     t1 = time.perf_counter()
     with jax.set_mesh(self.mesh):
       logp_ref = None
@@ -139,7 +138,6 @@ class GrpoTrainer:
     })
     if correct is not None:
       metrics["grpo/accuracy"] = float(correct.mean())
-    self.last_rollout = (texts, out.completions, total)
     return state, metrics
 
   def evaluate(self, state: TrainState) -> dict[str, float]:

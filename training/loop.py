@@ -221,7 +221,7 @@ def _loop(config, model_cfg, workdir, flops_per_token, state, start, stepper: St
       if (config.eval_every and step % config.eval_every == 0) or step == config.total_steps:
         eval_scalars = stepper.evaluate(state)
         scalars.update(writer.write(step, eval_scalars))
-        if is_main:
+        if is_main and eval_scalars:  # a GRPO run with no eval prompts evaluates nothing
           print(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in eval_scalars.items()), flush=True)
       final = step == config.total_steps
       if step % config.checkpoint_every == 0 or final or stop["signal"]:
