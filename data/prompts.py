@@ -37,10 +37,10 @@ A split with no record is a ValueError. No TFDS slicing: the split is one of the
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 from data import arithmetic
+from data import sft
 from data import sources
 from data import split as split_lib
 
@@ -97,22 +97,7 @@ def check_record(record) -> None:
 
 def read_prompts(path: str) -> list[tuple[str, int, dict]]:
   """(path, line number from 1, record) for each non-blank line of a prompt JSONL file."""
-  out = []
-  with open(path, "rb") as f:
-    for n, raw in enumerate(f, start=1):
-      try:
-        line = raw.decode("utf-8")
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except ValueError as e:
-          raise ValueError(f"not valid JSON ({e})") from None
-        check_record(record)
-      except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}:{n}: {e}") from None
-      out.append((path, n, record))
-  return out
+  return sft.read_examples(path, check=check_record)
 
 
 def split_records(records: list[tuple[str, int, dict]], split: str) -> list[tuple[str, int, dict]]:

@@ -78,8 +78,10 @@ def resolve_files(patterns: str) -> list[str]:
   return sorted(files)
 
 
-def read_examples(path: str) -> list[tuple[str, int, dict]]:
-  """(path, line number from 1, example) for each non-blank line of a JSONL file."""
+def read_examples(path: str, check=None) -> list[tuple[str, int, dict]]:
+  """(path, line number from 1, example) for each non-blank line of a JSONL file; `check(example)`
+  (default `chat.check_example`) raises ValueError for a bad one, reported as path:line."""
+  check = chat.check_example if check is None else check
   out = []
   with open(path, "rb") as f:
     for n, raw in enumerate(f, start=1):
@@ -91,7 +93,7 @@ def read_examples(path: str) -> list[tuple[str, int, dict]]:
           example = json.loads(line)
         except ValueError as e:
           raise ValueError(f"not valid JSON ({e})") from None
-        chat.check_example(example)
+        check(example)
       except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{path}:{n}: {e}") from None
       out.append((path, n, example))
