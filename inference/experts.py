@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models import grouped_matmul
 from models.execution import Execution
 from models.experts import RoutedExperts, assignment_rows, combine, permute_rows, sort_by_expert
 from models.layers import precision_for
@@ -85,25 +86,6 @@ def moe_ffn(moe: MoE, x_BTD, execution: Execution, stacked=None, layer=None):
   return y_BTD
 
 
-def row_tiles(group_sizes_G, m: int, block_m: int):
-  """Row tiles as `models.grouped_matmul.grouped_product` makes them: (group, first row, end row) int32
-  [T] each, T = ceil(m / block_m) + G - 1, tile t covering rows [first, min(first + block_m, end)) of one
-  group, unused tiles empty. The tile → group lookup is one [T, G] comparison: jnp.searchsorted's
-  default method is a while loop, at decode sizes 7 rounds of tiny kernels per layer (~70 µs on an
-  H200, more than a third of the layer's expert time)."""
-  g = group_sizes_G.shape[0]
-  num_tiles = -(-m // block_m) + g - 1
-  ends_G = jnp.cumsum(group_sizes_G)
-  tiles_G = -(-group_sizes_G // block_m)  # per group; 0 for an empty one
-  tile_ends_G = jnp.cumsum(tiles_G)
-  t = jnp.arange(num_tiles, dtype=jnp.int32)
-  group_T = jnp.minimum(jnp.searchsorted(tile_ends_G, t, side="right", method="compare_all"),
-                        g - 1).astype(jnp.int32)
-  first_T = ends_G[group_T] - group_sizes_G[group_T] + (t - tile_ends_G[group_T] + tiles_G[group_T]) * block_m
-  used_T = t < tile_ends_G[-1]
-  return group_T, jnp.where(used_T, first_T, 0), jnp.where(used_T, ends_G[group_T], 0)
-
-
 def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k: int, num_warps: int,
                 num_stages: int, block_m: int = 16, interpret: bool = False):
   """Rows sorted by group (as models/grouped_matmul.py) times their group's weights in layer
@@ -115,7 +97,7 @@ def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k:
 
   m, k = x_MK.shape
   n = weights[0].shape[-1]
-  group_T, first_T, end_T = row_tiles(group_sizes_G.astype(jnp.int32), m, block_m)
+  group_T, first_T, end_T = grouped_matmul.row_tiles(group_sizes_G.astype(jnp.int32), m, block_m)
   block_n = min(block_n, max(16, 1 << (n - 1).bit_length()))
   precision = precision_for(x_MK.dtype)  # float32 at full precision (IEEE dots, not TF32)
 

@@ -108,16 +108,19 @@ TILES = {"product": dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_
          "weight_gradient": dict(block_m=128, block_n=256, block_k=32, num_warps=8, num_stages=4)}
 
 
-def _row_tiles(group_sizes_G, m: int, block_m: int):
+def row_tiles(group_sizes_G, m: int, block_m: int):
   """Row tiles of `grouped_product`: (group, first row, end row) int32 [T] each, T = ceil(m / block_m)
-  + G - 1; tile t covers rows [first, min(first + block_m, end)) of one group; unused tiles are empty."""
+  + G - 1; tile t covers rows [first, min(first + block_m, end)) of one group; unused tiles are empty.
+  The tile → group lookup is one [T, G] comparison: jnp.searchsorted's default method is a while loop,
+  rounds of tiny kernels (~70 µs per layer at decode sizes on an H200, inference/experts.py)."""
   g = group_sizes_G.shape[0]
   num_tiles = -(-m // block_m) + g - 1
   ends_G = jnp.cumsum(group_sizes_G)
   tiles_G = -(-group_sizes_G // block_m)  # per group; 0 for an empty one
   tile_ends_G = jnp.cumsum(tiles_G)
   t = jnp.arange(num_tiles, dtype=jnp.int32)
-  group_T = jnp.minimum(jnp.searchsorted(tile_ends_G, t, side="right"), g - 1).astype(jnp.int32)
+  group_T = jnp.minimum(jnp.searchsorted(tile_ends_G, t, side="right", method="compare_all"),
+                        g - 1).astype(jnp.int32)
   first_T = ends_G[group_T] - group_sizes_G[group_T] + (t - tile_ends_G[group_T] + tiles_G[group_T]) * block_m
   used_T = t < tile_ends_G[-1]
   return group_T, jnp.where(used_T, first_T, 0), jnp.where(used_T, ends_G[group_T], 0)
@@ -132,7 +135,7 @@ def grouped_product(x_MK, w_GKN, group_sizes_G, *, transpose_w: bool = False, in
 
   m, k = x_MK.shape
   n = w_GKN.shape[1] if transpose_w else w_GKN.shape[2]
-  group_T, first_T, end_T = _row_tiles(group_sizes_G.astype(jnp.int32), m, block_m)
+  group_T, first_T, end_T = row_tiles(group_sizes_G.astype(jnp.int32), m, block_m)
   block_n = min(block_n, _pow2_at_least(n))
   precision = precision_for(x_MK.dtype)  # float32 (tests, interpreted) at full precision
 

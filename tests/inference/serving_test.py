@@ -120,12 +120,21 @@ class SmallBatchExpertsTest(parameterized.TestCase):
     chex.assert_trees_all_equal(experts.moe_ffn(layer.ffn, x_BTD, models.Execution()),
                                 layer.ffn(x_BTD, models.Execution())[0])
 
-  def test_row_tiles_match_the_grouped_matmul_tiling(self):
-    sizes = jnp.asarray([0, 5, 17, 1, 0, 40, 3], jnp.int32)
+  def test_row_tiles_cover_each_group_once(self):
+    """The row tiles both kernels use (models.grouped_matmul.row_tiles): every row of every group in
+    exactly one tile of its own group, at most block_m rows a tile, unused tiles empty."""
+    sizes = np.asarray([0, 5, 17, 1, 0, 40, 3], np.int32)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     for block_m in (16, 32):
-      got = experts.row_tiles(sizes, 70, block_m)
-      want = grouped_matmul._row_tiles(sizes, 70, block_m)  # pylint: disable=protected-access
-      chex.assert_trees_all_equal(got, want)
+      group, first, end = (np.asarray(x) for x in grouped_matmul.row_tiles(jnp.asarray(sizes), 70, block_m))
+      self.assertEqual(len(group), -(-70 // block_m) + len(sizes) - 1)
+      covered = np.zeros(sizes.sum(), int)
+      for g, f, e in zip(group, first, end):
+        rows = np.arange(f, min(f + block_m, e))
+        if rows.size:
+          self.assertTrue(np.all((rows >= starts[g]) & (rows < starts[g] + sizes[g])), (g, f, e))
+        covered[rows] += 1
+      np.testing.assert_array_equal(covered, 1)
 
   def test_grouped_ffn_rows_of_each_group_times_its_weights(self):
     rng = np.random.default_rng(1)
