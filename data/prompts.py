@@ -36,7 +36,6 @@ A split with no record is a ValueError. No TFDS slicing: the split is one of the
 
 from __future__ import annotations
 
-import glob
 import os
 
 from data import arithmetic
@@ -69,17 +68,11 @@ def render(template: str, prompt: str) -> str:
 
 
 def resolve_files(patterns: str, key: str = "prompt_files") -> list[str]:
-  """Sorted, distinct files matched by comma-separated globs; ValueError naming a glob that matches none."""
-  globs = [p.strip() for p in (patterns or "").split(",") if p.strip()]
-  if not globs:
-    raise ValueError(f"data_config.{key} names no file: set it to a comma-separated list of JSONL globs.")
-  files = set()
-  for pattern in globs:
-    matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
-    if not matched:
-      raise ValueError(f"{key} glob {pattern!r} matches no file.")
-    files.update(os.path.abspath(p) for p in matched)
-  return sorted(files)
+  """Sorted, distinct files matched by comma-separated globs (data/sft.py's rule); ValueError naming a
+  glob that matches none."""
+  return sft.resolve_files(
+      patterns, none_message=f"data_config.{key} names no file: set it to a comma-separated list of JSONL globs.",
+      label=key)
 
 
 def check_record(record) -> None:

@@ -64,16 +64,18 @@ class SftExamples:
   counts: dict[str, int]
 
 
-def resolve_files(patterns: str) -> list[str]:
-  """Sorted, distinct files matched by comma-separated globs; ValueError naming a glob that matches none."""
+def resolve_files(patterns: str, *, none_message: str = "dataset 'sft_jsonl' needs JSONL files: set "
+                  "data_config.sft_files to a glob.", label: str = "sft") -> list[str]:
+  """Sorted, distinct files matched by comma-separated globs; ValueError(none_message) when there is no
+  glob, and one naming a `label` glob that matches no file."""
   globs = [p.strip() for p in (patterns or "").split(",") if p.strip()]
   if not globs:
-    raise ValueError("dataset 'sft_jsonl' needs JSONL files: set data_config.sft_files to a glob.")
+    raise ValueError(none_message)
   files = set()
   for pattern in globs:
     matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
     if not matched:
-      raise ValueError(f"sft glob {pattern!r} matches no file.")
+      raise ValueError(f"{label} glob {pattern!r} matches no file.")
     files.update(os.path.abspath(p) for p in matched)
   return sorted(files)
 
