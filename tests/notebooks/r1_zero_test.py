@@ -1,57 +1,29 @@
 """notebooks/r1_zero.ipynb runs top to bottom at the test sizes (a base run, GRPO from it, the comparison)."""
 
 import json
-import os
-import pathlib
 import re
 
 import pytest
 
-nbclient = pytest.importorskip("nbclient")
-nbformat = pytest.importorskip("nbformat")
+import notebook_testlib as lib
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-NOTEBOOK = REPO / "notebooks" / "r1_zero.ipynb"
+NOTEBOOK = lib.REPO / "notebooks" / "r1_zero.ipynb"
 STEPS = 4
-
-
-def _text(cell) -> str:
-  parts = []
-  for out in cell.get("outputs", []):
-    if out.output_type == "stream":
-      parts.append(out.text)
-    elif "text/plain" in out.get("data", {}):
-      parts.append(out.data["text/plain"])
-  return "".join(parts)
 
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("r1_zero")
   env = {"R1_SMALL": "1", "R1_BASE_STEPS": str(STEPS), "R1_GRPO_STEPS": str(STEPS), "R1_EVAL_EXAMPLES": "8",
-         "R1_WORKDIR": str(tmp / "run"), "R1_DATA_DIR": str(tmp / "tfds"), "PYTHONPATH": str(REPO),
-         "JAX_PLATFORMS": "cpu"}
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)  # the kernel inherits this process's environment
-  try:
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-    client.execute()  # raises CellExecutionError naming the failing cell
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-  return nb, tmp / "run"
+         "R1_WORKDIR": str(tmp / "run"), "R1_DATA_DIR": str(tmp / "tfds")}
+  return lib.execute(NOTEBOOK, env, timeout=600), tmp / "run"
 
 
 def test_runs_without_errors_and_plots_the_reward(executed):
   nb, workdir = executed
   code = [c for c in nb.cells if c.cell_type == "code"]
   assert all(out.output_type != "error" for c in code for out in c.outputs)
-  assert "nothing to install" in "\n".join(_text(c) for c in code)
+  assert "nothing to install" in "\n".join(lib.text(c) for c in code)
   assert (workdir / "grpo" / "reward.png").is_file()
   images = [out for c in code for out in c.outputs if "image/png" in out.get("data", {})]
   assert len(images) == 1
@@ -66,7 +38,7 @@ def test_grpo_logged_every_step(executed):
 
 def test_prints_both_accuracies(executed):
   nb, _ = executed
-  text = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
+  text = "\n".join(lib.text(c) for c in nb.cells if c.cell_type == "code")
   match = re.search(r"^arithmetic accuracy: base (\S+), grpo (\S+)$", text, re.MULTILINE)
   assert match, text[-2000:]
   for value in match.groups():
