@@ -30,7 +30,11 @@ _TASK_FILE = flags.DEFINE_string("task_file", None, "exact_match: JSONL of promp
 _TASK_BATCH = flags.DEFINE_integer("task_batch_size", 32, "Prompts per generate call in tasks.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "--hf_dir only: eval row length.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "--hf_dir only: eval batch size.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "--hf_dir only: compute dtype.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype (--workdir: only when given; default the run's).")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8"], "Also evaluate the model with its weights quantized "
+                              "(inference.quantize) and report the change against the unquantized weights.")
+_QUANTIZE_PROMPTS = flags.DEFINE_integer("quantize_prompts", 64, "--quantize: validation prompts for greedy agreement.")
+_QUANTIZE_TOKENS = flags.DEFINE_integer("quantize_new_tokens", 32, "--quantize: greedy tokens compared per prompt.")
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Sample mode: the prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Sample mode: tokens to generate at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sample mode: 0 = greedy.")
@@ -51,7 +55,8 @@ def _flag_problems() -> list[str]:
     problems.append("--tasks=exact_match needs --task_file=F.jsonl")
   if _TASK_FILE.value and not os.path.isfile(_TASK_FILE.value):
     problems.append(f"--task_file {_TASK_FILE.value!r} is not a file")
-  for name in ("task_examples", "task_batch_size", "num_samples", "max_new_tokens", "seq_len", "batch_size"):
+  for name in ("task_examples", "task_batch_size", "num_samples", "max_new_tokens", "seq_len", "batch_size",
+               "quantize_prompts", "quantize_new_tokens"):
     if flags.FLAGS[name].value < 1:
       problems.append(f"--{name} must be >= 1, got {flags.FLAGS[name].value}")
   if _EVAL_BATCHES.value is not None and _EVAL_BATCHES.value < 0:
@@ -83,7 +88,8 @@ def main(argv):
   from evaluation import restore, runner, sample  # after distributed init
 
   if _WORKDIR.value:
-    config, model, step = restore.load_workdir(_WORKDIR.value, step=_STEP.value)
+    dtype = _DTYPE.value if flags.FLAGS["dtype"].present else None
+    config, model, step = restore.load_workdir(_WORKDIR.value, step=_STEP.value, dtype=dtype)
     source, output_dir = _WORKDIR.value, _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, "eval")
   else:
     config, model, step = restore.load_hf(_HF_DIR.value, dtype=_DTYPE.value, seq_len=_SEQ_LEN.value,
@@ -109,6 +115,31 @@ def main(argv):
     print(runner.report.summary(results))
     if "path" in results:
       print(f"wrote {results['path']}")
+  if _QUANTIZE.value:
+    _report_quantization(config, model, tokenizer, results, step, source, output_dir)
+
+
+def _report_quantization(config, model, tokenizer, base, step, source, output_dir):
+  """Evaluates the quantized model like the unquantized one (results under OUTPUT_DIR/<method>) and
+  prints and writes (quantization_<step>.json) what changed."""
+  import json  # pylint: disable=import-outside-toplevel
+  import inference  # pylint: disable=import-outside-toplevel
+  from evaluation import quantization, runner  # pylint: disable=import-outside-toplevel
+  method = _QUANTIZE.value
+  quantized = inference.quantize(model, method)
+  results = runner.evaluate(config, quantized, tokenizer, step=step, source=f"{source} ({method})",
+                            output_dir=os.path.join(output_dir, method), tasks=_TASKS.value,
+                            task_examples=_TASK_EXAMPLES.value, task_batch_size=_TASK_BATCH.value,
+                            task_file=_TASK_FILE.value)
+  report = quantization.compare(config, model, quantized, base, results, method=method,
+                                num_prompts=_QUANTIZE_PROMPTS.value, new_tokens=_QUANTIZE_TOKENS.value)
+  if jax.process_index() == 0:
+    print(runner.report.summary(results))
+    print(quantization.summary(report))
+    path = os.path.join(output_dir, f"quantization_{step}.json")
+    with open(path, "w") as f:
+      json.dump(report, f, indent=1)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ Variants (--variants, each `name` or `name+key=value...`):
   auto       Execution() as `generate` resolves it for the device (Pallas experts on GPUs);
   options    gmm=<auto|xla|pallas|tokamax>, attn=<xla|cudnn> (Execution fields), small=module (small
              batches through the training path, not inference/experts.py's kernels), gu=/dn=NxKxWxS
-             (its gate-up / down tiles: block_n, block_k, num_warps, num_stages).
+             (its gate-up / down tiles: block_n, block_k, num_warps, num_stages), q=int8 (the model
+             through `inference.quantize(model, "int8")`: int8 weights, compute in --dtype).
 A row that fails (out of memory, say) is reported and the next runs. --check first compares greedy
 tokens and logits of `auto` against `reference` (float32: tokens must be equal; bf16: agreement).
 --profile_dir traces one decode loop per row and prints its device time per step by kind of kernel
@@ -105,11 +106,13 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
       fields["attention_impl"] = value
     elif key == "small" and value == "module":
       settings["small"] = value
+    elif key == "q" and value == "int8":
+      settings["quantize"] = value
     elif key in ("gu", "dn") and len(value.split("x")) == 4:
       n, k, w, s = (int(v) for v in value.split("x"))
       settings[key] = dict(block_n=n, block_k=k, num_warps=w, num_stages=s)
     else:
-      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, gu=, dn=)")
+      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, gu=, dn=, q=)")
   return fields, settings
 
 
@@ -120,7 +123,7 @@ class experts_settings:  # pylint: disable=invalid-name
     self.settings = settings
 
   def __enter__(self):
-    if not self.settings:
+    if not set(self.settings) - {"quantize"}:
       return
     from inference import experts  # pylint: disable=import-outside-toplevel
     self.saved = (experts.SMALL_ROWS_PER_EXPERT, dict(experts.TILES))
@@ -132,7 +135,7 @@ class experts_settings:  # pylint: disable=invalid-name
     jax.clear_caches()
 
   def __exit__(self, *exc):
-    if not self.settings:
+    if not set(self.settings) - {"quantize"}:
       return
     from inference import experts  # pylint: disable=import-outside-toplevel
     experts.SMALL_ROWS_PER_EXPERT, tiles = self.saved
@@ -159,8 +162,8 @@ def decode_bytes(cfg: models.ModelConfig, state, batch: int, cache_positions: fl
   weights = 0.0
   for path, var in nnx.to_flat_state(state):
     names = [str(p) for p in path]
-    value = var.get_value()
-    nbytes = float(np.prod(value.shape)) * jnp.dtype(value.dtype).itemsize
+    value = var.get_value()  # an array, or an Int8Weight (int8 values and float32 scales)
+    nbytes = sum(float(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(value))
     if names[0] == "mtp":
       continue
     if names == ["embed"]:
@@ -313,13 +316,17 @@ def step_classes(trace_path: str, hlo_text: str, steps: int) -> list[tuple[str, 
 def check(cfg: models.ModelConfig, grid_entry=(4, 16, 8)) -> list[dict]:
   """`auto` against `reference`: greedy generate_full in float32 (both caches; tokens must agree) and in
   the config's dtype (latent cache; agreement reported; on a GPU also auto+attn=cudnn, cuDNN prefill);
-  the model's init at std 0.02."""
+  then the same model int8-quantized, both variants on the same int8 weights; the model's init at std
+  0.02."""
   batch, prompt, new = grid_entry
   results = []
   gpu = jax.devices()[0].platform == "gpu"
-  for dtype, kinds in (("float32", ("latent", "expanded")), (cfg.dtype.name, ("latent",))):
+  for dtype, kinds, quantize in (("float32", ("latent", "expanded"), None), (cfg.dtype.name, ("latent",), None),
+                                 ("float32", ("latent",), "int8"), (cfg.dtype.name, ("latent",), "int8")):
     c = cfg.replace(dtype=dtype, param_dtype=dtype, init_std=0.02)
     model = build_model(c, seed=1)
+    if quantize:
+      model = inference.quantize(model, quantize)
     ids = np.random.default_rng(1).integers(0, c.vocab_size, (batch, prompt), dtype=np.int32)
     variants = {"auto": models.Execution()}
     if gpu and dtype != "float32":  # cuDNN attention needs bf16/fp16
@@ -333,7 +340,8 @@ def check(cfg: models.ModelConfig, grid_entry=(4, 16, 8)) -> list[dict]:
         out = run(execution)
         out_logits = np.asarray(out.logits)
         same = np.asarray(ref.tokens) == np.asarray(out.tokens)
-        results.append({"dtype": dtype, "cache": kind, "variant": variant, "tokens_equal": bool(same.all()),
+        results.append({"dtype": dtype, "cache": kind, "variant": variant + (f"+q={quantize}" if quantize else ""),
+                        "tokens_equal": bool(same.all()),
                         "token_agreement": float(same[:, prompt:].mean()),
                         "first_step_max_abs_logit_diff": float(np.abs(out_logits[:, 0] - ref_logits[:, 0]).max()),
                         "max_abs_logit": float(np.abs(ref_logits).max()),
@@ -365,13 +373,14 @@ def main(argv):
     except Exception as e:  # noqa: BLE001 - report it and time the rows anyway
       checks = [{"error": f"{type(e).__name__}: {str(e)[:2000]}"}]
       print(json.dumps({"check": checks[0]}), flush=True)
-  model = build_model(cfg)
-  state = nnx.state(model)
+  base_model = build_model(cfg)
   results = []
   for spec in f.variants:
     fields, settings = parse_variant(spec)
     execution = models.Execution(**fields).for_inference().resolve(platform)
     name = spec.replace("+", "_").replace("=", "-")
+    model = inference.quantize(base_model, settings["quantize"]) if "quantize" in settings else base_model
+    state = nnx.state(model)
     with experts_settings(settings):
       for entry in grid:
         batch, prompt, new = parse_grid(entry)

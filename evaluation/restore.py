@@ -14,6 +14,7 @@ base).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -62,13 +63,16 @@ def eval_execution(config, mesh) -> models.Execution:
   return execution
 
 
-def load_workdir(workdir: str, *, step: int | None = None, mesh=None
+def load_workdir(workdir: str, *, step: int | None = None, mesh=None, dtype=None
                  ) -> tuple[ml_collections.ConfigDict, models.Transformer, int]:
-  """(run config, trained model, checkpoint step) of a training workdir."""
+  """(run config, trained model, checkpoint step) of a training workdir; dtype: a compute dtype other
+  than the run's (the weights keep their stored dtype)."""
   config = read_config(workdir)
   mesh = eval_mesh(config) if mesh is None else mesh
   model_cfg, params, bias, step = weights.load_workdir_weights(workdir, mesh, step=step,
                                                                rules=config.get("sharding_rules"))
+  if dtype is not None:
+    model_cfg = dataclasses.replace(model_cfg, dtype=jnp.dtype(dtype))
   return config, ModelDef.abstract(model_cfg).merge(params, bias), step
 
 

@@ -8,10 +8,11 @@ decode steps, and one compiled sampling loop.
 from inference.cache import CacheReport, KVCache, cache_bytes, cache_report, init_cache
 from inference.decode import (Generation, decode_layers, decode_step, generate, generate_full,
                               jit_decode_step, jit_prefill, prefill)
+from inference.quantize import quantize
 from inference.sampling import SamplingConfig, sample
 
 __all__ = [
     "CacheReport", "Generation", "KVCache", "SamplingConfig", "cache_bytes", "cache_report", "decode_layers",
     "decode_step",
-    "generate", "generate_full", "init_cache", "jit_decode_step", "jit_prefill", "prefill", "sample",
+    "generate", "generate_full", "init_cache", "jit_decode_step", "jit_prefill", "prefill", "quantize", "sample",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models import quantized
 from models.layers import matmul, precision_for
 from models.mla import MLA
 
@@ -69,7 +70,7 @@ def cached_attention(attn: MLA, x_BUD, cos_BUK, sin_BUK, layer_cache: dict[str, 
     c_BSR, k_pe_BSK = layer_cache["c"], layer_cache["k_pe"]
     dt = c_BSR.dtype
     f32 = dict(preferred_element_type=jnp.float32, precision=precision_for(dt))
-    w_uk_RHK, w_uv_RHK = jnp.split(attn.wkv_b[...], [cfg.qk_nope_head_dim], axis=-1)
+    w_uk_RHK, w_uv_RHK = quantized.split(attn.wkv_b[...], [cfg.qk_nope_head_dim], axis=-1)
     # q_lat[b,u,h,r] = Σ_k q_nope[b,u,h,k]·W_UK[r,h,k]: scores against c stand for scores against k_nope.
     q_lat_BUHR = matmul(q_nope_BUHK, w_uk_RHK, cfg, "buhk,rhk->buhr").astype(dt)
     q_pe_BUHK = q_pe_BUHK.astype(dt)

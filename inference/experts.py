@@ -30,6 +30,7 @@ from models import grouped_matmul
 from models.execution import Execution
 from models.experts import RoutedExperts, assignment_rows, combine, permute_rows, sort_by_expert
 from models.layers import precision_for
+from models.quantized import Int8Weight
 from models.moe import MoE
 
 # Assignments per expert (on average) up to which a step counts as small: decode steps (B·k/E: 3 at
@@ -51,12 +52,26 @@ def small_batch_kernel(moe: MoE, execution: Execution, num_tokens: int) -> bool:
           and num_tokens * cfg.num_experts_per_tok <= SMALL_ROWS_PER_EXPERT * cfg.n_routed_experts)
 
 
-def stacked_weights(stack) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-  """(gate [L, E, D, F], up [L, E, D, F], down [L, E, F, D]) of a stack of MoE blocks, else None."""
+def stacked_weights(stack) -> tuple | None:
+  """(gate [L, E, D, F], up [L, E, D, F], down [L, E, F, D]) of a stack of MoE blocks as stored (arrays
+  or `Int8Weight`s), else None."""
   ffn = getattr(stack, "ffn", None)
   if not isinstance(ffn, MoE) or type(ffn.experts) is not RoutedExperts:  # pylint: disable=unidiomatic-typecheck
     return None
-  return ffn.experts.weights()
+  return _raw_weights(ffn.experts)
+
+
+def _raw_weights(experts: RoutedExperts) -> tuple:
+  return experts.gate[...], experts.up[...], experts.down[...]
+
+
+def _values_and_scales(weights) -> tuple[tuple, tuple | None]:
+  """Stored expert weights → (arrays the kernel reads, their per-column scales [L, E, N] or None)."""
+  if not any(isinstance(w, Int8Weight) for w in weights):
+    return tuple(weights), None
+  if not all(isinstance(w, Int8Weight) and w.contracted == (-2,) for w in weights):
+    raise ValueError("grouped_ffn takes expert weights all int8 (per output column) or none")
+  return tuple(w.values for w in weights), tuple(w.scale[..., 0, :] for w in weights)
 
 
 def moe_ffn(moe: MoE, x_BTD, execution: Execution, stacked=None, layer=None):
@@ -69,16 +84,17 @@ def moe_ffn(moe: MoE, x_BTD, execution: Execution, stacked=None, layer=None):
     return moe(x_BTD, execution)[0]
   cfg = moe.cfg
   if stacked is None:
-    stacked, layer = tuple(w[None] for w in moe.experts.weights()), 0
+    stacked, layer = tuple(w[None] for w in _raw_weights(moe.experts)), 0
   routing = moe.router(x_BTD)
   k = cfg.num_experts_per_tok
   experts_A = routing.experts_BTk.reshape(-1)
   group_sizes_E, source_S, position_A = sort_by_expert(experts_A, cfg.n_routed_experts)
   x_SD = permute_rows(assignment_rows(x_BTD.reshape(b * t, d), k).astype(cfg.dtype), source_S, position_A)
   layer_1 = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
-  gate, up, down = stacked  # read in their stored dtype, cast to x's tile by tile in the kernel
-  h_SF = grouped_ffn(x_SD, (gate, up), layer_1, group_sizes_E, **TILES["gate_up"])
-  y_SD = grouped_ffn(h_SF, (down,), layer_1, group_sizes_E, **TILES["down"])
+  # Read in their stored dtype (int8 too), cast to x's tile by tile in the kernel.
+  (gate, up, down), scales = _values_and_scales(stacked)
+  h_SF = grouped_ffn(x_SD, (gate, up), layer_1, group_sizes_E, scales=scales and scales[:2], **TILES["gate_up"])
+  y_SD = grouped_ffn(h_SF, (down,), layer_1, group_sizes_E, scales=scales and scales[2:], **TILES["down"])
   y_ND = combine(permute_rows(y_SD, position_A, source_S), routing.weights_BTk.reshape(-1), k)
   y_BTD = y_ND.astype(x_BTD.dtype).reshape(b, t, d)
   if moe.shared is not None:
@@ -87,11 +103,13 @@ def moe_ffn(moe: MoE, x_BTD, execution: Execution, stacked=None, layer=None):
 
 
 def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k: int, num_warps: int,
-                num_stages: int, block_m: int = 16, interpret: bool = False):
+                num_stages: int, block_m: int = 16, scales=None, interpret: bool = False):
   """Rows sorted by group (as models/grouped_matmul.py) times their group's weights in layer
   `layer_1[0]` of a stack → [M, N] in x's dtype, float32 accumulation; rows past the groups are not
-  written. weights: (w [L, G, K, N],) → x·w, or (gate, up) → silu(x·gate)·(x·up); any float dtype
-  (each tile is cast to x's dtype as it is loaded, so float32 master weights are not copied first)."""
+  written. weights: (w [L, G, K, N],) → x·w, or (gate, up) → silu(x·gate)·(x·up); any float or int8
+  dtype (each tile is cast to x's dtype as it is loaded, so neither float32 master weights nor int8
+  ones are copied first). scales: None, or one float32 [L, G, N] per weight (int8 per-column
+  scales, applied to the float32 products)."""
   from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
   from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
 
@@ -101,8 +119,11 @@ def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k:
   block_n = min(block_n, max(16, 1 << (n - 1).bit_length()))
   precision = precision_for(x_MK.dtype)  # float32 at full precision (IEEE dots, not TF32)
 
+  num_weights = len(weights)
+  scales = tuple(scales or ())
+
   def kernel(layer_ref, group_ref, first_ref, end_ref, x_ref, *refs):
-    *w_refs, out_ref = refs
+    w_refs, s_refs, out_ref = refs[:num_weights], refs[num_weights:-1], refs[-1]
     j, t = pl.program_id(0), pl.program_id(1)
     layer, g, first, end = layer_ref[0], group_ref[t], first_ref[t], end_ref[t]
     rows = (first + jnp.arange(block_m) < end)[:, None]
@@ -124,6 +145,8 @@ def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k:
 
       zeros = jnp.zeros((block_m, block_n), jnp.float32)
       accs = jax.lax.fori_loop(0, pl.cdiv(k, block_k), step, tuple(zeros for _ in w_refs))
+      accs = tuple(acc * plt.load(s_ref.at[layer, g, pl.ds(j * block_n, block_n)], mask=cols, other=0)[None, :]
+                   for acc, s_ref in zip(accs, s_refs)) + accs[len(s_refs):]
       if len(accs) == 1:
         out = accs[0]
       else:
@@ -135,7 +158,7 @@ def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k:
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((m, n), x_MK.dtype),
       grid=(pl.cdiv(n, block_n), group_T.shape[0]),
-      in_specs=[pl.no_block_spec] * (5 + len(weights)), out_specs=pl.no_block_spec,
+      in_specs=[pl.no_block_spec] * (5 + len(weights) + len(scales)), out_specs=pl.no_block_spec,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="grouped_ffn" if len(weights) == 2 else "grouped_down",
-  )(layer_1, group_T, first_T, end_T, x_MK, *weights)
+  )(layer_1, group_T, first_T, end_T, x_MK, *weights, *scales)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import quantized
 from models.config import ModelConfig
 from models.grouped_matmul import grouped_matmul
 from models.layers import matmul, param
@@ -37,7 +38,8 @@ class RoutedExperts(nnx.Module):
     self.down = param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), cfg)
 
   def weights(self):
-    return self.gate[...], self.up[...], self.down[...]
+    """(gate, up, down) as stored; int8-quantized ones (inference) in the compute dtype."""
+    return tuple(quantized.dequantize(w[...], self.cfg.dtype) for w in (self.gate, self.up, self.down))
 
   def __call__(self, x_ND, experts_A, weights_A, capacity: int | None = None, grouped: str = "xla"):
     """x [N, D]; the N·k assignments' expert ids and combine weights (token-major) → [N, D] in x's

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import quantized
 from models.config import ModelConfig
 
 
@@ -56,7 +57,11 @@ def precision_for(dtype):
 
 def matmul(x, w, cfg: ModelConfig, spec: str, out_dtype=None):
   """einsum in the compute dtype with float32 accumulation, returned in `out_dtype` (default: the
-  compute dtype). Its backward pass runs in the compute dtype too (see `mixed_einsum`)."""
+  compute dtype). Its backward pass runs in the compute dtype too (see `mixed_einsum`). A weight
+  quantized for inference (`models.quantized.Int8Weight`) is read as int8 (no gradient)."""
+  if isinstance(w, quantized.Int8Weight):
+    dtype = jnp.dtype(cfg.dtype)
+    return quantized.einsum(spec, x, w, dtype, jnp.dtype(out_dtype or cfg.dtype), precision_for(dtype))
   return mixed_einsum(spec, x, w, jnp.dtype(cfg.dtype), jnp.dtype(out_dtype or cfg.dtype))
 
 
