@@ -15,11 +15,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from inference import mla_decode
 from models import quantized
 from models.layers import matmul, precision_for
 from models.mla import MLA
 
 _NEG = jnp.finfo(jnp.float32).min
+
+# Settings of inference/mla_decode.py's kernel (tests run it interpreted on CPUs: interpret=True).
+DECODE_KERNEL = {}
 
 
 def _expanded_entries(k_nope_BTHK, v_BTHK, k_pe_BTK) -> dict[str, jax.Array]:
@@ -55,26 +59,37 @@ def _softmax(scores_cache_BHUS, scores_new_BHUU, cache_valid_BS, new_mask_UU):
   return probs[..., :s], probs[..., s:]
 
 
-def cached_attention(attn: MLA, x_BUD, cos_BUK, sin_BUK, layer_cache: dict[str, jax.Array],
-                     cache_valid_BS, kind: str):
-  """U new tokens per row (at the positions cos/sin encode) attend to the valid cache slots and,
-  causally, to each other. Returns (output [B,U,D], the new tokens' cache entries); the cache itself
-  is only read (the caller writes the entries after the layer scan)."""
+def cached_attention(attn: MLA, x_BUD, cos_BUK, sin_BUK, stack_cache: dict[str, jax.Array], layer,
+                     lengths_B, kind: str, kernel: bool = False):
+  """U new tokens per row (at the positions cos/sin encode) attend to the valid cache slots
+  (s < lengths_B[b]) of layer `layer` of the stacked cache [L, B, S, ...] and, causally, to each
+  other. Returns (output [B,U,D], the new tokens' cache entries); the cache itself is only read (the
+  caller writes the entries after the layers). kernel: the latent cache through
+  inference/mla_decode.py's Pallas kernel (GPUs), which reads the layer in place; otherwise the layer
+  is sliced out for XLA's einsums."""
   cfg = attn.cfg
   u = x_BUD.shape[1]
   new_mask_UU = jnp.tril(jnp.ones((u, u), bool))
   q_nope_BUHK, q_pe_BUHK = attn.query(x_BUD, cos_BUK, sin_BUK)
   c_BUR, k_pe_BUK = attn.latent(x_BUD, cos_BUK, sin_BUK)
+  s = next(iter(stack_cache.values())).shape[2]
+  cache_valid_BS = jnp.arange(s)[None, :] < lengths_B[:, None]
 
   if kind == "latent":
-    c_BSR, k_pe_BSK = layer_cache["c"], layer_cache["k_pe"]
-    dt = c_BSR.dtype
+    dt = stack_cache["c"].dtype
     f32 = dict(preferred_element_type=jnp.float32, precision=precision_for(dt))
     w_uk_RHK, w_uv_RHK = quantized.split(attn.wkv_b[...], [cfg.qk_nope_head_dim], axis=-1)
     # q_lat[b,u,h,r] = Σ_k q_nope[b,u,h,k]·W_UK[r,h,k]: scores against c stand for scores against k_nope.
     q_lat_BUHR = matmul(q_nope_BUHK, w_uk_RHK, cfg, "buhk,rhk->buhr").astype(dt)
     q_pe_BUHK = q_pe_BUHK.astype(dt)
     c_new, k_pe_new = c_BUR.astype(dt), k_pe_BUK.astype(dt)
+    if kernel:
+      o_lat_BUHR = mla_decode.latent_attention(q_lat_BUHR, q_pe_BUHK, stack_cache["c"], stack_cache["k_pe"],
+                                               layer, lengths_B, c_new, k_pe_new, cfg.softmax_scale,
+                                               **DECODE_KERNEL)
+      o_BUHK = matmul(o_lat_BUHR, w_uv_RHK, cfg, "buhr,rhk->buhk")
+      return attn.output(o_BUHK), {"c": c_BUR, "k_pe": k_pe_BUK}
+    c_BSR, k_pe_BSK = stack_cache["c"][layer], stack_cache["k_pe"][layer]
     scores_cache = (jnp.einsum("buhr,bsr->bhus", q_lat_BUHR, c_BSR, **f32)
                     + jnp.einsum("buhk,bsk->bhus", q_pe_BUHK, k_pe_BSK, **f32))
     scores_new = (jnp.einsum("buhr,bsr->bhus", q_lat_BUHR, c_new, **f32)
@@ -91,7 +106,7 @@ def cached_attention(attn: MLA, x_BUD, cos_BUK, sin_BUK, layer_cache: dict[str, 
 
   if kind != "expanded":
     raise ValueError(f"unknown cache kind {kind!r}")
-  k_BSHK, v_BSHK = layer_cache["k"], layer_cache["v"]
+  k_BSHK, v_BSHK = stack_cache["k"][layer], stack_cache["v"][layer]
   dt = k_BSHK.dtype
   f32 = dict(preferred_element_type=jnp.float32, precision=precision_for(dt))
   new = _expanded_entries(*attn.expand(c_BUR), k_pe_BUK)

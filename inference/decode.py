@@ -64,7 +64,8 @@ def run_stack(stack: DecoderBlock, h_BTD, attention: AttentionStep, execution: E
   which indexes the stack's expert weights by layer number; no aux metrics, no remat. Prefill (no
   stack_cache) runs them as a layer scan; a decode step runs them one after another (unrolled: no loop
   bookkeeping between layers, ~4 % of a bench-model step), each layer from its entry of `layer_states`
-  when given (`decode_layers`), else from a slice of the stack."""
+  when given (`decode_layers`), else from a slice of the stack. `attention(attn, x, stack_cache, layer)`
+  gets the whole stacked cache and the layer number (a kernel reads its layer in place)."""
   graphdef, state = nnx.split(stack)
   stacked = experts.stacked_weights(stack)
   num_layers = jax.tree.leaves(state)[0].shape[0]
@@ -72,7 +73,7 @@ def run_stack(stack: DecoderBlock, h_BTD, attention: AttentionStep, execution: E
   def body(h_BTD, xs):
     layer, layer_state, layer_cache = xs
     block = nnx.merge(graphdef, layer_state)
-    out_BTD, entries = attention(block.attn, block.attn_norm(h_BTD), layer_cache)
+    out_BTD, entries = attention(block.attn, block.attn_norm(h_BTD), layer_cache, layer)
     h_BTD = h_BTD + out_BTD
     x_BTD = block.ffn_norm(h_BTD)
     if isinstance(block.ffn, MoE):
@@ -86,7 +87,7 @@ def run_stack(stack: DecoderBlock, h_BTD, attention: AttentionStep, execution: E
   entries = []
   for i in range(num_layers):
     layer_state = jax.tree.map(lambda a: a[i], state) if layer_states is None else layer_states[i]  # pylint: disable=cell-var-from-loop
-    h_BTD, layer_entries = body(h_BTD, (i, layer_state, jax.tree.map(lambda a: a[i], stack_cache)))  # pylint: disable=cell-var-from-loop
+    h_BTD, layer_entries = body(h_BTD, (i, layer_state, stack_cache))
     entries.append(layer_entries)
   return h_BTD, jax.tree.map(lambda *e: jnp.stack(e), *entries)
 
@@ -134,8 +135,8 @@ def prefill(model: Transformer, ids_BT, lengths_B, cache: KVCache, execution: Ex
   cos_BTK, sin_BTK = rope_tables(positions_BT, model.cfg)
   # Causal alone keeps real tokens off the padding after them; padded queries are never read.
   mask_B1TT = attention_mask(positions_BT, positions_BT)
-  attention = lambda attn, x, _: prefill_attention(attn, x, cos_BTK, sin_BTK, mask_B1TT, kind,
-                                                   execution.attention_impl)
+  attention = lambda attn, x, *_: prefill_attention(attn, x, cos_BTK, sin_BTK, mask_B1TT, kind,
+                                                    execution.attention_impl)
   h_BTD = model.embed_tokens(ids_BT)
   new = {}
   for name, stack in _stacks(model):
@@ -158,9 +159,9 @@ def decode_step(model: Transformer, tokens_B, cache: KVCache, execution: Executi
   kind = cache.kind
   positions_B1 = cache.lengths[:, None]
   cos_B1K, sin_B1K = rope_tables(positions_B1, model.cfg)
-  cache_valid_BS = jnp.arange(cache.max_length)[None, :] < cache.lengths[:, None]
-  attention = lambda attn, x, layer_cache: cached_attention(attn, x, cos_B1K, sin_B1K, layer_cache,
-                                                            cache_valid_BS, kind)
+  kernel = experts.pallas_kernels(execution) and kind == "latent"
+  attention = lambda attn, x, stack_cache, layer: cached_attention(
+      attn, x, cos_B1K, sin_B1K, stack_cache, layer, cache.lengths, kind, kernel)
   h_B1D = model.embed_tokens(tokens_B[:, None])
   rows_B1 = jnp.arange(b)[:, None]
   new = {}

@@ -43,10 +43,16 @@ TILES = {"gate_up": dict(block_n=64, block_k=128, num_warps=4, num_stages=4),
          "down": dict(block_n=128, block_k=128, num_warps=4, num_stages=4)}
 
 
+def pallas_kernels(execution: Execution) -> bool:
+  """Whether generation runs its Pallas GPU kernels (this module's, inference/mla_decode.py's): with
+  the Pallas grouped matmul, what an execution resolves to on GPUs, and no expert parallelism."""
+  return execution.grouped_matmul == "pallas" and execution.expert_parallel is None
+
+
 def small_batch_kernel(moe: MoE, execution: Execution, num_tokens: int) -> bool:
   """Whether `moe_ffn` runs `num_tokens` through `grouped_ffn` (else through the module)."""
   cfg = moe.cfg
-  return (execution.grouped_matmul == "pallas" and execution.expert_parallel is None
+  return (pallas_kernels(execution)
           and execution.moe_backend == "dropless" and type(moe.experts) is RoutedExperts  # pylint: disable=unidiomatic-typecheck
           and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16, jnp.float32)
           and num_tokens * cfg.num_experts_per_tok <= SMALL_ROWS_PER_EXPERT * cfg.n_routed_experts)

@@ -3,6 +3,7 @@
 The Pallas kernels run interpreted here (CPU); the GPU run of benchmarks/decode.py --check compares
 the compiled ones with the reference (float32 tokens equal)."""
 
+import contextlib
 from unittest import mock
 
 import chex
@@ -15,7 +16,7 @@ from flax import nnx
 import inference
 import models
 from inference import decode as decode_lib
-from inference import experts
+from inference import attention, experts
 from models import grouped_matmul
 from tests.inference import tiny_models
 
@@ -23,9 +24,12 @@ B, T, N = 2, 6, 5
 PALLAS = models.Execution(grouped_matmul="pallas")  # what "auto" resolves to on a GPU
 
 
+@contextlib.contextmanager
 def _interpreted():
-  """inference/experts.py's kernels in Pallas's interpreter (CPU)."""
-  return mock.patch.dict(experts.TILES, {k: dict(v, interpret=True) for k, v in experts.TILES.items()})
+  """Generation's Pallas kernels (inference/experts.py, inference/mla_decode.py) in Pallas's interpreter (CPU)."""
+  with mock.patch.dict(experts.TILES, {k: dict(v, interpret=True) for k, v in experts.TILES.items()}), \
+       mock.patch.dict(attention.DECODE_KERNEL, interpret=True):
+    yield
 
 
 def _greedy_loop(model, ids_BT, n, execution, kind="latent"):
@@ -156,8 +160,8 @@ class SmallBatchExpertsTest(parameterized.TestCase):
 class KernelDecodeTest(absltest.TestCase):
 
   def test_greedy_decode_with_the_kernels_matches_the_reference(self):
-    """float32: prefill and every decode step through the kernels (decode_layers split the stacks)
-    give the reference's tokens, and logits within float32 rounding (the kernels do not depend on the
+    """float32: prefill and every decode step through the kernels (experts; latent attention reading the
+    stacked cache in place; decode_layers split the stacks) give the reference's tokens, and logits within float32 rounding (the kernels do not depend on the
     cache kind; decode_test covers both caches on the reference path)."""
     cfg = tiny_models.v3_style()
     model = tiny_models.build(cfg, seed=5)
