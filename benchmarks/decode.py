@@ -22,7 +22,8 @@ Variants (--variants, each `name` or `name+key=value...`):
   auto       Execution() as `generate` resolves it for the device (Pallas experts on GPUs);
   options    gmm=<auto|xla|pallas|tokamax>, attn=<xla|cudnn> (Execution fields), small=module (small
              batches through the training path, not inference/experts.py's kernels), gu=/dn=NxKxWxS
-             (its gate-up / down tiles: block_n, block_k, num_warps, num_stages), q=int8 (the model
+             (its gate-up / down tiles: block_n, block_k, num_warps, num_stages), dense=kernel (dense
+             MLPs and shared experts through the same kernel, `inference.experts.dense_ffn`), q=int8 (the model
              through `inference.quantize(model, "int8")`: int8 weights, compute in --dtype).
 A row that fails (out of memory, say) is reported and the next runs. --check first compares greedy
 tokens and logits of `auto` against `reference` (float32: tokens must be equal; bf16: agreement).
@@ -106,13 +107,15 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
       fields["attention_impl"] = value
     elif key == "small" and value == "module":
       settings["small"] = value
+    elif key == "dense" and value == "kernel":
+      settings["dense"] = value
     elif key == "q" and value == "int8":
       settings["quantize"] = value
     elif key in ("gu", "dn") and len(value.split("x")) == 4:
       n, k, w, s = (int(v) for v in value.split("x"))
       settings[key] = dict(block_n=n, block_k=k, num_warps=w, num_stages=s)
     else:
-      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, gu=, dn=, q=)")
+      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, dense=, gu=, dn=, q=)")
   return fields, settings
 
 
@@ -126,9 +129,11 @@ class experts_settings:  # pylint: disable=invalid-name
     if not set(self.settings) - {"quantize"}:
       return
     from inference import experts  # pylint: disable=import-outside-toplevel
-    self.saved = (experts.SMALL_ROWS_PER_EXPERT, dict(experts.TILES))
+    self.saved = (experts.SMALL_ROWS_PER_EXPERT, experts.SMALL_DENSE_KERNEL, dict(experts.TILES))
     if self.settings.get("small") == "module":
       experts.SMALL_ROWS_PER_EXPERT = -1
+    if self.settings.get("dense") == "kernel":
+      experts.SMALL_DENSE_KERNEL = True
     for key, name in (("gu", "gate_up"), ("dn", "down")):
       if key in self.settings:
         experts.TILES[name] = self.settings[key]
@@ -138,7 +143,7 @@ class experts_settings:  # pylint: disable=invalid-name
     if not set(self.settings) - {"quantize"}:
       return
     from inference import experts  # pylint: disable=import-outside-toplevel
-    experts.SMALL_ROWS_PER_EXPERT, tiles = self.saved
+    experts.SMALL_ROWS_PER_EXPERT, experts.SMALL_DENSE_KERNEL, tiles = self.saved
     experts.TILES.clear()
     experts.TILES.update(tiles)
     jax.clear_caches()

@@ -79,7 +79,7 @@ def run_stack(stack: DecoderBlock, h_BTD, attention: AttentionStep, execution: E
     if isinstance(block.ffn, MoE):
       y_BTD = experts.moe_ffn(block.ffn, x_BTD, execution, stacked, layer)
     else:
-      y_BTD = block.ffn(x_BTD)
+      y_BTD = experts.dense_ffn(block.ffn, x_BTD, execution)
     return h_BTD + y_BTD, entries
 
   if stack_cache is None:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from models import grouped_matmul
 from models.execution import Execution
 from models.experts import RoutedExperts, assignment_rows, combine, permute_rows, sort_by_expert
-from models.layers import precision_for
+from models.layers import MLP, precision_for
 from models.quantized import Int8Weight
 from models.moe import MoE
 
@@ -58,6 +58,36 @@ def small_batch_kernel(moe: MoE, execution: Execution, num_tokens: int) -> bool:
           and num_tokens * cfg.num_experts_per_tok <= SMALL_ROWS_PER_EXPERT * cfg.n_routed_experts)
 
 
+# Dense SwiGLU MLPs (the first dense layers, shared experts) through `grouped_ffn` as one group at
+# decode sizes, instead of XLA's GEMMs (measured at ~40 % of the HBM bandwidth at M = 32–64 rows on an
+# H200, bf16; with int8 weights XLA may convert them to bf16 first). Off until benchmarks/decode.py's
+# `dense=kernel` variant shows it faster on the GPU (not yet measured).
+SMALL_DENSE_KERNEL = False
+SMALL_DENSE_ROWS = 128  # rows (B·T) up to which a dense MLP counts as small: one row tile holds them all
+
+
+def dense_ffn(mlp: MLP, x_BTD, execution: Execution):
+  """A dense SwiGLU MLP for generation: [B, T, D] → [B, T, D], as `mlp(x_BTD)`; through `grouped_ffn`
+  (every row in one row tile, so each weight is read once) when SMALL_DENSE_KERNEL is on, generation's
+  Pallas kernels run, the MLP has no biases and B·T ≤ SMALL_DENSE_ROWS."""
+  b, t, d = x_BTD.shape
+  cfg = mlp.cfg
+  if not (SMALL_DENSE_KERNEL and pallas_kernels(execution) and mlp.gate_bias is None and b * t <= SMALL_DENSE_ROWS
+          and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16, jnp.float32)):
+    return mlp(x_BTD)
+  m = b * t
+  block_m = max(16, 1 << (m - 1).bit_length())
+  (gate, up, down), scales = _values_and_scales((mlp.gate[...], mlp.up[...], mlp.down[...]))
+  one_group = lambda w: w[None, None]  # [K, N] as layer 0, group 0 of a stack
+  scales = scales and tuple(one_group(sc) for sc in scales)
+  layer_1, sizes_1 = jnp.zeros((1,), jnp.int32), jnp.full((1,), m, jnp.int32)
+  h_MF = grouped_ffn(x_BTD.reshape(m, d).astype(cfg.dtype), (one_group(gate), one_group(up)), layer_1, sizes_1,
+                     scales=scales and scales[:2], **dict(TILES["gate_up"], block_m=block_m))
+  y_MD = grouped_ffn(h_MF, (one_group(down),), layer_1, sizes_1, scales=scales and scales[2:],
+                     **dict(TILES["down"], block_m=block_m))
+  return y_MD.reshape(b, t, d).astype(x_BTD.dtype)
+
+
 def stacked_weights(stack) -> tuple | None:
   """(gate [L, E, D, F], up [L, E, D, F], down [L, E, F, D]) of a stack of MoE blocks as stored (arrays
   or `Int8Weight`s), else None."""
@@ -72,7 +102,7 @@ def _raw_weights(experts: RoutedExperts) -> tuple:
 
 
 def _values_and_scales(weights) -> tuple[tuple, tuple | None]:
-  """Stored expert weights → (arrays the kernel reads, their per-column scales [L, E, N] or None)."""
+  """Stored weights [..., K, N] → (arrays the kernel reads, their per-column scales [..., N] or None)."""
   if not any(isinstance(w, Int8Weight) for w in weights):
     return tuple(weights), None
   if not all(isinstance(w, Int8Weight) and w.contracted == (-2,) for w in weights):
@@ -104,7 +134,7 @@ def moe_ffn(moe: MoE, x_BTD, execution: Execution, stacked=None, layer=None):
   y_ND = combine(permute_rows(y_SD, position_A, source_S), routing.weights_BTk.reshape(-1), k)
   y_BTD = y_ND.astype(x_BTD.dtype).reshape(b, t, d)
   if moe.shared is not None:
-    y_BTD = y_BTD + moe.shared(x_BTD)
+    y_BTD = y_BTD + dense_ffn(moe.shared, x_BTD, execution)
   return y_BTD
 
 

@@ -17,7 +17,8 @@ import inference
 import models
 from inference import decode as decode_lib
 from inference import attention, experts
-from models import grouped_matmul
+from models import grouped_matmul, quantized
+from models.layers import MLP
 from tests.inference import tiny_models
 
 B, T, N = 2, 6, 5
@@ -113,6 +114,23 @@ class SmallBatchExpertsTest(parameterized.TestCase):
       self.assertEqual(out.dtype, reference.dtype)
       np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(reference, np.float32),
                                  atol=tol * scale, rtol=0)
+
+  @parameterized.parameters(False, True)
+  def test_dense_ffn_matches_the_mlp(self, int8):
+    """Dense MLPs (first layers, shared experts) through the kernel as one group, every row in one row
+    tile: float32 weights, or int8 ones with their per-column scales (as `inference.quantize` makes)."""
+    cfg = tiny_models.v3_style()
+    mlp = MLP(cfg, 40, rngs=nnx.Rngs(2))
+    if int8:
+      for name in ("gate", "up", "down"):
+        getattr(mlp, name).set_value(quantized.quantize_int8(getattr(mlp, name).get_value(), (-2,)))
+    x_BTD = jnp.asarray(np.random.default_rng(0).standard_normal((3, 7, cfg.hidden_size)), jnp.float32)
+    reference = mlp(x_BTD)
+    with _interpreted(), mock.patch.object(experts, "SMALL_DENSE_KERNEL", True):
+      got = experts.dense_ffn(mlp, x_BTD, PALLAS)
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * float(jnp.abs(reference).max()))
+    with _interpreted():  # off by default: the module's own path, bit for bit
+      chex.assert_trees_all_equal(experts.dense_ffn(mlp, x_BTD, PALLAS), reference)
 
   def test_module_path_where_the_kernels_do_not_apply(self):
     cfg = tiny_models.v3_style()
