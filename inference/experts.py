@@ -18,7 +18,9 @@ concatenation). Every expert on every token as batched einsums (no sort, E/k tim
 spends about as long in its products, but XLA first copies each layer's expert weights out of the
 stack (2.4 ms in all).
 Anything else (CPU/TPU, prefill-sized batches, expert parallelism, a tokamax or xla grouped matmul)
-runs the module's own path, so those results are unchanged bit for bit.
+runs the module's own path, so those results are unchanged bit for bit. Weights quantized by
+`inference.quantize` are read as int8 tiles with their per-column scales. `dense_ffn` can run the dense
+MLPs and shared experts through the same kernel as one group (opt-in: SMALL_DENSE_KERNEL).
 """
 
 from __future__ import annotations
