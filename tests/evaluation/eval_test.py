@@ -143,3 +143,19 @@ def test_workdir_written_before_the_execution_section_restores(workdir, tmp_path
   # The same execution: fields the old layout predates (grouped_matmul) take their defaults.
   assert models.execution_from_dict(new_config.execution) == models.execution_from_dict(config.execution)
   np.testing.assert_array_equal(np.asarray(model.embed[...]), np.asarray(new_model.embed[...]))
+
+
+def test_quantize_int8_reports_the_change(workdir, tmp_path):
+  """eval.py --quantize=int8 evaluates both models and writes what changed: a wrong scale axis or a
+  weight read unscaled would move bits/byte by far more than int8 rounding does."""
+  out = util.run("eval.py", f"--workdir={workdir}", "--quantize=int8", "--dtype=bfloat16", "--quantize_prompts=4",
+                 "--quantize_new_tokens=4", f"--output_dir={tmp_path}")
+  assert "quantization int8 (compute bfloat16)" in out and "float32 vs bfloat16" in out
+  with open(tmp_path / "quantization_6.json") as f:
+    report = json.load(f)
+  change = report["eval"]["eval/bits_per_byte"]
+  assert abs(change["relative_change"]) < 0.02, change
+  assert change["int8"] == pytest.approx(change["base"] * (1 + change["relative_change"]), rel=1e-9)
+  for greedy in (report["greedy"], report["greedy_float32_vs_dtype"]):
+    assert greedy["prompts"] == 4 and greedy["new_tokens"] == 4 and 0.0 <= greedy["identical_fraction"] <= 1.0
+  assert (tmp_path / "int8" / "results_6.json").exists()
