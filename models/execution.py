@@ -69,6 +69,10 @@ class Execution:
   # flash attention, GPU and bf16/fp16 only).
   attention_impl: Literal["xla", "cudnn"] = "xla"
   remat_policy: Literal["none", "full", "dots"] = "none"  # what the backward pass recomputes per layer
+  # Expert parallelism: rows of each device's send buffer per destination shard, as a multiple of the
+  # balanced share (ceil(f · assignments / shards)); a step where some device would send more runs
+  # with room for every assignment instead (still dropless). 0: always room for every assignment.
+  dispatch_factor: float = 0.0
   expert_parallel: ExpertParallel | None = None  # None: experts run where GSPMD puts them
 
   def __post_init__(self):
@@ -77,6 +81,9 @@ class Execution:
     factor = self.capacity_factor
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
       raise ValueError(f"capacity_factor must be a number > 0, got {factor!r}")
+    factor = self.dispatch_factor
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < float("inf"):
+      raise ValueError(f"dispatch_factor must be a number >= 0 (0: room for every assignment), got {factor!r}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     if self.grouped_matmul not in GROUPED_MATMULS:

@@ -13,8 +13,11 @@ run inside one `jax.shard_map` over the whole mesh:
 
 each device, holding n = b·T tokens (a = n·k assignments) and the experts of one of P expert shards:
   1. routes its own tokens (models.router.Router, float32);
-  2. places its assignments in P fixed-size send buffers [P, a, D], one per expert shard; each buffer
-     can hold all a assignments, so nothing is dropped (dense: XLA:CPU has no lax.ragged_all_to_all);
+  2. places its assignments in P fixed-size send buffers [P, r, D], one per expert shard. r = a (each
+     buffer can hold all a assignments, so nothing is dropped; dense: XLA:CPU has no
+     lax.ragged_all_to_all) unless `Execution.dispatch_factor` f > 0: then r = ceil(f · a / P), and
+     when some device of the expert group has more than r assignments for one shard (a pmax over the
+     expert axis) that step takes the r = a buffers instead (`lax.cond`), so it stays dropless;
   3. all_to_all over "expert" → the rows every shard of its expert group sends to its experts, with
      local expert ids (empty slots carry the id E/P and come back as zeros);
   4. runs its local experts with models.experts.expert_ffn (dropless, with execution.grouped_matmul;
@@ -27,8 +30,9 @@ each device, holding n = b·T tokens (a = n·k assignments) and the experts of o
 Router statistics are made global with psums over the batch axes: `expert_load` sums local counts,
 `balance_loss` (a mean over sequences, each whole on one device) sums local sums and divides by B.
 
-The dense buffers cost up to P× the balanced traffic and expert compute; that is the price of being
-dropless without ragged collectives. A batch not divisible by the batch shards is padded with
+The r = a buffers cost P× the balanced traffic and expert compute; that is the price of being
+dropless without ragged collectives, and what dispatch_factor bounds (f× the balanced share, when the
+routing fits). A batch not divisible by the batch shards is padded with
 sequences that route nowhere and count nowhere.
 """
 
@@ -79,7 +83,8 @@ def routed_moe(router: Router, experts: RoutedExperts, x_BTD, valid_BT, executio
   capacity_factor = execution.capacity_factor if execution.moe_backend == "capacity" else None
   body = functools.partial(_local, cfg=cfg, router_graphdef=router_graphdef, num_shards=num_shards,
                            expert_axis=ep.expert_axis, tensor=tensor, batch_axes=batch_axes,
-                           num_sequences=b, capacity_factor=capacity_factor, grouped=execution.grouped_matmul)
+                           num_sequences=b, capacity_factor=capacity_factor, grouped=execution.grouped_matmul,
+                           dispatch_factor=execution.dispatch_factor)
   expert = ep.expert_axis
   y_BTD, load_E, balance = jax.shard_map(
       body, mesh=mesh,
@@ -92,7 +97,8 @@ def routed_moe(router: Router, experts: RoutedExperts, x_BTD, valid_BT, executio
 
 def _local(x_bTD, real_bT, valid_bT, router_state, gate, up, down, *, cfg: ModelConfig,
            router_graphdef, num_shards: int, expert_axis: str, tensor: str | None,
-           batch_axes: tuple[str, ...], num_sequences: int, capacity_factor: float | None, grouped: str):
+           batch_axes: tuple[str, ...], num_sequences: int, capacity_factor: float | None, grouped: str,
+           dispatch_factor: float = 0.0):
   """One device: route its tokens, dispatch, run its experts on what it receives, combine."""
   b, t, d = x_bTD.shape
   e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -109,8 +115,18 @@ def _local(x_bTD, real_bT, valid_bT, router_state, gate, up, down, *, cfg: Model
     # Drop exactly what the single-device backend drops, then run the kept assignments dropless.
     capacity = expert_capacity(capacity_factor, num_sequences * t * k, e)
     experts_a = _global_capacity_drop(experts_a, e, capacity, batch_axes)
-  y_nD = _dispatch_and_combine(x_nD, experts_a, routing.weights_BTk.reshape(-1), (gate, up, down),
-                               cfg=cfg, num_shards=num_shards, expert_axis=expert_axis, grouped=grouped)
+  dispatch = functools.partial(_dispatch_and_combine, cfg=cfg, num_shards=num_shards, expert_axis=expert_axis,
+                               grouped=grouped)
+  operands = (x_nD, experts_a, routing.weights_BTk.reshape(-1), (gate, up, down))
+  a = experts_a.shape[0]
+  rows = send_rows(a, num_shards, dispatch_factor)
+  if rows < a:
+    dest_a = experts_a // gate.shape[0]  # num_shards for padding: not counted
+    busiest = jax.lax.pmax(jnp.max(jnp.bincount(dest_a, length=num_shards)), expert_axis)
+    y_nD = jax.lax.cond(busiest > rows, functools.partial(dispatch, rows=a), functools.partial(dispatch, rows=rows),
+                        *operands)
+  else:
+    y_nD = dispatch(*operands, rows=a)
   if tensor is not None:
     y_nD = jax.lax.psum(y_nD, tensor)
   return y_nD.astype(x_bTD.dtype).reshape(b, t, d), load_E, balance
@@ -128,26 +144,35 @@ def _global_capacity_drop(experts_a, e: int, capacity: int, batch_axes):
   return jnp.where((experts_a < e) & (slot_a < capacity), experts_a, e)
 
 
+def send_rows(num_assignments: int, num_shards: int, dispatch_factor: float) -> int:
+  """Rows of each per-destination send buffer: ceil(f · a / P), at most a; a when f is 0."""
+  if not dispatch_factor:
+    return num_assignments
+  return min(num_assignments, max(1, math.ceil(dispatch_factor * num_assignments / num_shards)))
+
+
 def _dispatch_and_combine(x_nD, experts_a, weights_a, expert_weights, *, cfg: ModelConfig,
-                          num_shards: int, expert_axis: str, grouped: str):
-  """all_to_all the a = n·k assignments to the shards owning their experts and back → float32 [n, D]."""
+                          num_shards: int, expert_axis: str, grouped: str, rows: int):
+  """all_to_all the a = n·k assignments to the shards owning their experts and back → float32 [n, D].
+  rows: the send buffer's rows per destination shard; the caller makes sure no device has more
+  assignments than that for one shard."""
   n, d = x_nD.shape
   local_experts = expert_weights[0].shape[0]
   a = experts_a.shape[0]
   k = a // n
   dest_a = experts_a // local_experts  # owning expert shard; num_shards (nobody) for padding
   slot_a = arrival_order(dest_a, num_shards)
-  flat_a = dest_a * a + slot_a  # row of the [P·a] send buffer; past its end for padding
+  flat_a = dest_a * rows + slot_a  # row of the [P·rows] send buffer; past its end for padding
 
-  send_PaD = (jnp.zeros((num_shards * a, d), x_nD.dtype)
-              .at[flat_a].set(assignment_rows(x_nD, k), mode="drop").reshape(num_shards, a, d))
-  send_ids_Pa = (jnp.full((num_shards * a,), local_experts, jnp.int32)
+  send_PrD = (jnp.zeros((num_shards * rows, d), x_nD.dtype)
+              .at[flat_a].set(assignment_rows(x_nD, k), mode="drop").reshape(num_shards, rows, d))
+  send_ids_Pr = (jnp.full((num_shards * rows,), local_experts, jnp.int32)
                  .at[flat_a].set(experts_a - dest_a * local_experts, mode="drop")
-                 .reshape(num_shards, a))
-  recv_PaD = jax.lax.all_to_all(send_PaD, expert_axis, 0, 0)
-  recv_ids_Pa = jax.lax.all_to_all(send_ids_Pa, expert_axis, 0, 0)
+                 .reshape(num_shards, rows))
+  recv_PrD = jax.lax.all_to_all(send_PrD, expert_axis, 0, 0)
+  recv_ids_Pr = jax.lax.all_to_all(send_ids_Pr, expert_axis, 0, 0)
 
-  y_RD = expert_ffn(cfg, expert_weights, recv_PaD.reshape(-1, d), recv_ids_Pa.reshape(-1), grouped=grouped)
-  back_RD = jax.lax.all_to_all(y_RD.reshape(num_shards, a, d), expert_axis, 0, 0).reshape(-1, d)
+  y_RD = expert_ffn(cfg, expert_weights, recv_PrD.reshape(-1, d), recv_ids_Pr.reshape(-1), grouped=grouped)
+  back_RD = jax.lax.all_to_all(y_RD.reshape(num_shards, rows, d), expert_axis, 0, 0).reshape(-1, d)
   y_aD = back_RD.at[flat_a].get(mode="fill", fill_value=0)
   return combine(y_aD, weights_a, k)

@@ -12,6 +12,7 @@ from flax import nnx
 
 import models
 import sharding
+from models import moe_parallel
 from models.moe import MoE
 
 # "capacity": cf = E so nothing is ever dropped; "dropping": cf 0.5 drops many assignments.
@@ -51,13 +52,13 @@ class ExpertParallelTest(parameterized.TestCase):
     super().setUp()
     lib.require_devices(self)
 
-  def _check(self, backend, mesh_shape, b, t):
+  def _check(self, backend, mesh_shape, b, t, **execution_fields):
     cfg, graphdef, state = _moe()
     x, valid = _inputs(cfg, b, t)
     (_, (ref_y, ref_aux)), ref_grads = _reference(backend, b, t)
 
     mesh = sharding.make_mesh(mesh_shape)
-    execution = sharding.make_execution(EXECUTION[backend], mesh)
+    execution = sharding.make_execution(dict(EXECUTION[backend], **execution_fields), mesh)
     self.assertIsNotNone(execution.expert_parallel)
     fn = _apply_fn(graphdef, execution)
     state_s, x_s, valid_s = self._place(mesh, state, x, valid)
@@ -68,6 +69,7 @@ class ExpertParallelTest(parameterized.TestCase):
     lib.assert_close_rel(self, aux, ref_aux, 1e-5, "aux")
     lib.assert_close_rel(self, grads, ref_grads, 1e-5, "grad")
     self.assertEqual(float(jnp.sum(aux["expert_load"])), b * t * cfg.num_experts_per_tok)
+    return compiled.as_text()
 
   @parameterized.named_parameters(
       (f"{backend}_{mesh}", backend, mesh) for backend in ("dropless", "capacity") for mesh in lib.MESHES)
@@ -78,6 +80,26 @@ class ExpertParallelTest(parameterized.TestCase):
   def test_capacity_drops_the_single_device_assignments(self, mesh):
     # With a small capacity the same assignments must be dropped as on one device (global order).
     self._check("dropping", lib.MESHES[mesh], b=8, t=6)
+
+  @parameterized.named_parameters(("fits", 1.875, False), ("overflows", 0.5, True))
+  def test_dispatch_buffers_sized_from_the_routing(self, factor, overflows):
+    """dispatch_factor f: send buffers of ceil(f · a / P) rows per shard (here 4 sequences of 6 tokens
+    × top-2 = 48 assignments per device, P = 2), and the full-size buffers in a step where some
+    device's routing needs more; both give the single-device result. Which case a factor is, is read
+    off the routing (this random router sends up to 44 of a device's 48 assignments to one shard)."""
+    cfg, graphdef, state = _moe()
+    b, t, a = 32, 6, 48
+    x, _ = _inputs(cfg, b, t)
+    rows = moe_parallel.send_rows(a, 2, factor)
+    self.assertEqual(rows, {1.875: 45, 0.5: 12}[factor])
+    # 8 batch shards of b / 8 sequences; each expert shard holds 4 of the 8 experts.
+    dest_BTk = nnx.merge(graphdef, state).router(x).experts_BTk // (cfg.n_routed_experts // 2)
+    per = b // 8
+    busiest = max(int(jnp.max(jnp.bincount(dest_BTk[i * per:(i + 1) * per].reshape(-1), length=2)))
+                  for i in range(8))
+    self.assertEqual(busiest > rows, overflows, busiest)
+    hlo = self._check("dropless", lib.MESHES["dp_fsdp_ep"], b=b, t=t, dispatch_factor=factor)
+    self.assertIn(f"[2,{rows},{cfg.hidden_size}]", hlo)  # the bounded buffers are compiled in either case
 
   def test_token_count_not_divisible_by_shards(self):
     # 3 × 5 = 15 tokens over 8 batch shards: padded with assignments that go nowhere.
