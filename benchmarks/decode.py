@@ -53,6 +53,7 @@ from ml_collections import config_flags
 
 import inference
 import models
+from training import metrics as metrics_lib
 
 # HBM bandwidth in bytes/s by device kind (first substring match), from the vendors' datasheets.
 BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
@@ -181,12 +182,7 @@ def decode_bytes(cfg: models.ModelConfig, state, batch: int, cache_positions: fl
 
 
 def bandwidth_for(device_kind: str, override: float = 0.0) -> float | None:
-  if override:
-    return override
-  for key, value in BANDWIDTH.items():
-    if key.lower() in device_kind.lower():
-      return value
-  return None
+  return metrics_lib.by_device_kind(BANDWIDTH, device_kind, override)
 
 
 def build_model(cfg: models.ModelConfig, seed: int = 0) -> models.Transformer:

@@ -16,13 +16,15 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "T
               "TPU v6 lite": 918e12, "TPU v6e": 918e12}
 
 
-def peak_flops(device_kind: str, override: float = 0.0) -> float | None:
+def by_device_kind(table: dict[str, float], device_kind: str, override: float = 0.0) -> float | None:
+  """`override` if set, else the value of the first key of `table` found in `device_kind`, else None."""
   if override:
     return override
-  for key, value in PEAK_FLOPS.items():
-    if key.lower() in device_kind.lower():
-      return value
-  return None
+  return next((value for key, value in table.items() if key.lower() in device_kind.lower()), None)
+
+
+def peak_flops(device_kind: str, override: float = 0.0) -> float | None:
+  return by_device_kind(PEAK_FLOPS, device_kind, override)
 
 
 def expert_load_stats(counts) -> list[dict]:
