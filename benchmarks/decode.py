@@ -130,23 +130,25 @@ class experts_settings:  # pylint: disable=invalid-name
     if not set(self.settings) - {"quantize"}:
       return
     from inference import experts  # pylint: disable=import-outside-toplevel
-    self.saved = (experts.SMALL_ROWS_PER_EXPERT, experts.SMALL_DENSE_KERNEL, dict(experts.TILES))
+    self.saved = (experts.SMALL_ROWS_PER_EXPERT, experts.SMALL_DENSE_KERNEL, dict(experts.TILES),
+                  dict(experts.INT8_TILES))
     if self.settings.get("small") == "module":
       experts.SMALL_ROWS_PER_EXPERT = -1
     if self.settings.get("dense") == "kernel":
       experts.SMALL_DENSE_KERNEL = True
     for key, name in (("gu", "gate_up"), ("dn", "down")):
-      if key in self.settings:
-        experts.TILES[name] = self.settings[key]
+      if key in self.settings:  # the tiles of whichever weights the variant runs
+        experts.TILES[name] = experts.INT8_TILES[name] = self.settings[key]
     jax.clear_caches()
 
   def __exit__(self, *exc):
     if not set(self.settings) - {"quantize"}:
       return
     from inference import experts  # pylint: disable=import-outside-toplevel
-    experts.SMALL_ROWS_PER_EXPERT, experts.SMALL_DENSE_KERNEL, tiles = self.saved
-    experts.TILES.clear()
-    experts.TILES.update(tiles)
+    experts.SMALL_ROWS_PER_EXPERT, experts.SMALL_DENSE_KERNEL, tiles, int8_tiles = self.saved
+    for table, saved in ((experts.TILES, tiles), (experts.INT8_TILES, int8_tiles)):
+      table.clear()
+      table.update(saved)
     jax.clear_caches()
 
 

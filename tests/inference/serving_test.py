@@ -28,7 +28,9 @@ PALLAS = models.Execution(grouped_matmul="pallas")  # what "auto" resolves to on
 @contextlib.contextmanager
 def _interpreted():
   """Generation's Pallas kernels (inference/experts.py, inference/mla_decode.py) in Pallas's interpreter (CPU)."""
-  with mock.patch.dict(experts.TILES, {k: dict(v, interpret=True) for k, v in experts.TILES.items()}), \
+  interpreted = lambda table: {k: dict(v, interpret=True) for k, v in table.items()}
+  with mock.patch.dict(experts.TILES, interpreted(experts.TILES)), \
+       mock.patch.dict(experts.INT8_TILES, interpreted(experts.INT8_TILES)), \
        mock.patch.dict(attention.DECODE_KERNEL, interpret=True):
     yield
 
