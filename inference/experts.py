@@ -43,10 +43,11 @@ SMALL_ROWS_PER_EXPERT = 32
 # tensor-core dot takes and the weight tile is [block_k, block_n] per stage (gate and up: two).
 TILES = {"gate_up": dict(block_n=64, block_k=128, num_warps=4, num_stages=4),
          "down": dict(block_n=128, block_k=128, num_warps=4, num_stages=4)}
-# The same for int8 weights: a 128-column tile keeps each weight row's load at 128 bytes (measured on
-# an H200, benchmarks/RESULTS.md: gate-up 447 against 570 µs a step at 64 columns).
-INT8_TILES = {"gate_up": dict(block_n=128, block_k=128, num_warps=4, num_stages=4),
-              "down": dict(block_n=128, block_k=128, num_warps=4, num_stages=4)}
+# The same for int8 weights, chosen on an H200 (benchmarks/RESULTS.md, "int8 expert tiles"): 128-column
+# tiles (each weight row's load 128 bytes, as bf16's 64) and 2 stages (smaller tiles in shared memory,
+# so more programs share an SM) take a batch-32 int8 decode step from 1.37 to 1.22 ms.
+INT8_TILES = {"gate_up": dict(block_n=128, block_k=128, num_warps=4, num_stages=2),
+              "down": dict(block_n=128, block_k=128, num_warps=4, num_stages=2)}
 
 
 def tiles(name: str, scales) -> dict:
