@@ -1,7 +1,8 @@
-"""Times the real jitted train step (forward, backward, AdamW, router-bias update) on one device.
+"""Times the real jitted train step (forward, backward, AdamW, router-bias update) on one device or a mesh.
 
   python -m benchmarks.train_step                                   # configs/bench_v2lite_4l.py, 8 x 2048
   python -m benchmarks.train_step --variants=capacity:1.0+attn=cudnn,dropless --docs_per_row=4 --steps=10
+  python -m benchmarks.train_step --meshes=expert=1,expert=2,expert=4,expert=8 --variants=dropless  # weak scaling
 
 Each variant is a MoE backend (`dropless`, or `capacity:<factor>`) with optional `+remat=<policy>`,
 `+attn=<xla|cudnn>` and `+gmm=<auto|xla|tokamax>` (the fields of models.Execution; grouped_matmul
@@ -16,11 +17,22 @@ of memory, say) is reported and the next one runs. `--profile_dir` traces one ex
 `python -m benchmarks.trace_summary` ranks its kernels. `--json=PATH` writes the results with the
 command, date, device and versions; every row of benchmarks/RESULTS.md cites such a file, committed in
 benchmarks/results/.
+
+`--meshes` times every variant on each listed mesh instead of one device: an entry names mesh axes
+(`expert=4`, `expert=4+fsdp=2`; sharding/mesh.py's axes, the rest 1) and runs on the first
+product-of-sizes devices, with the state sharded and the step jitted as train.py does
+(training/run_state.py, `sharding.make_execution`: expert-parallel dispatch when `expert` > 1). The batch
+is `--batch` sequences per device (weak scaling), or `--batch` in all when --noweak_scaling. Rows add
+tokens/s per device, the memory per device that tools.plan predicts (training/memory.py)
+beside the compiled step's, and, with --profile_dir, the device time per step in all_to_all and in the other
+collectives (`collective_ms`; each device's share, from the GPU kernels' names).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import glob
 import importlib.metadata
 import json
 import statistics
@@ -34,8 +46,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import models
+import sharding
 from models import counting
 from training import optimizer as optim_lib
+from training import memory as memory_lib
+from training import run_state
 from training import step as step_lib
 from training.metrics import peak_flops
 from training.state import ModelDef, init_state
@@ -55,6 +70,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
   flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
   flags.DEFINE_string("profile_dir", "", "If set, trace one more step per variant (perfetto JSON).")
+  flags.DEFINE_list("meshes", [], "Mesh entries (axis=size+axis=size...) to time each variant on; empty: one device.")
+  flags.DEFINE_bool("weak_scaling", True, "With --meshes: --batch sequences per device (else in all).")
 
 
 def parse_variant(spec: str) -> dict:
@@ -82,6 +99,36 @@ def spec_name(fields: dict) -> str:
   return "-".join(f"{v}" for v in fields.values()).replace(".", "_")
 
 
+def parse_mesh(entry: str) -> dict[str, int]:
+  """'expert=4+fsdp=2' → {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1} (axes not named are 1)."""
+  sizes = {axis: 1 for axis in sharding.AXES}
+  for part in entry.split("+"):
+    axis, _, value = part.partition("=")
+    if axis not in sizes or not value.isdigit() or int(value) < 1:
+      raise ValueError(f"bad mesh entry {entry!r}: expected axis=size parts joined by '+', axes {sharding.AXES}")
+    sizes[axis] = int(value)
+  return sizes
+
+
+# Collective kernels as NCCL and XLA name them on GPUs; all_to_all first (NCCL runs it as send/recv).
+COLLECTIVES = (("all_to_all", r"all.?to.?all|alltoall|sendrecv"),
+               ("other collectives", r"all.?reduce|reduce.?scatter|all.?gather|collective.?permute|nccl"))
+
+
+def collective_ms(events: list[dict], num_devices: int, device: str = "GPU") -> dict[str, float]:
+  """Device milliseconds per collective class (COLLECTIVES) in a trace of one step, per device (the
+  trace holds every local device's kernels)."""
+  import re  # pylint: disable=import-outside-toplevel
+  from benchmarks.trace_summary import device_time_by_name  # pylint: disable=import-outside-toplevel
+  per_name, _, _ = device_time_by_name(events, device)
+  out = {label: 0.0 for label, _ in COLLECTIVES}
+  for name, us in per_name.items():
+    label = next((label for label, pattern in COLLECTIVES if re.search(pattern, name, re.IGNORECASE)), None)
+    if label:
+      out[label] += us / 1e3 / num_devices
+  return out
+
+
 def random_batch(vocab_size: int, batch: int, seq: int, docs_per_row: int = 1, seed: int = 0) -> dict:
   """A packed batch of random tokens: each row holds `docs_per_row` documents of (nearly) equal length."""
   rng = np.random.default_rng(seed)
@@ -94,33 +141,55 @@ def random_batch(vocab_size: int, batch: int, seq: int, docs_per_row: int = 1, s
           "segment_ids": jnp.asarray(np.broadcast_to(segments, (batch, seq)), jnp.int32)}
 
 
-def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, profile_dir: str = "") -> dict:
+def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, profile_dir: str = "",
+                 mesh: jax.sharding.Mesh | None = None) -> dict:
   config = config.copy_and_resolve_references()
   config.execution.update(fields)
   model_cfg = models.from_dict(config.model.to_dict())
   platform = jax.devices()[0].platform
-  execution = models.execution_from_dict(config.execution).resolve(platform)
-  execution.check(model_cfg, platform=platform)
   tx = optim_lib.make_optimizer(config.optim, config.total_steps)
   schedule = optim_lib.learning_rate_schedule(config.optim, config.total_steps)
-  modeldef = ModelDef.abstract(model_cfg)
-  state = jax.jit(lambda: init_state(model_cfg, tx, config.seed)[1])()
-  step = jax.jit(step_lib.make_train_step(modeldef, tx, schedule, config, execution), donate_argnums=(0,))
+  if mesh is None:
+    execution = models.execution_from_dict(config.execution).resolve(platform)
+    execution.check(model_cfg, platform=platform)
+    modeldef = ModelDef.abstract(model_cfg)
+    state = jax.jit(lambda: init_state(model_cfg, tx, config.seed)[1])()
+    step = jax.jit(step_lib.make_train_step(modeldef, tx, schedule, config, execution), donate_argnums=(0,))
+  else:  # as train.py: sharded state, expert-parallel dispatch over the mesh's expert axis
+    rules = config.get("sharding_rules")
+    sharding.validate(model_cfg, mesh, batch_size=batch["tokens"].shape[0], rules=rules)
+    execution = sharding.make_execution(config.execution, mesh, rules)
+    execution.check(model_cfg, platform=platform)
+    rs = run_state.plan(config, model_cfg, tx, mesh)
+    state = run_state.initial_state(rs, config, tx, mesh)
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
+    with jax.set_mesh(mesh):
+      step = jax.jit(step_lib.make_train_step(rs.modeldef, tx, schedule, config, execution),
+                     in_shardings=(rs.shardings, sharding.batch_sharding(mesh, rules)),
+                     out_shardings=(rs.shardings, None), donate_argnums=(0,))
 
+  num_devices = 1 if mesh is None else mesh.size
+  name = spec_name(fields) + ("" if mesh is None else f"_{num_devices}dev")
+  trace_events = None
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  losses, times = [], []
-  for i in range(warmup + steps):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    losses.append(float(metrics["train/loss"]))  # blocks until the step is done
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-  if profile_dir:
-    with jax.profiler.trace(f"{profile_dir}/{spec_name(fields)}", create_perfetto_trace=True):
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    losses, times = [], []
+    for i in range(warmup + steps):
+      t0 = time.perf_counter()
       state, metrics = compiled(state, batch)
-      float(metrics["train/loss"])
+      losses.append(float(metrics["train/loss"]))  # blocks until the step is done
+      if i >= warmup:
+        times.append(time.perf_counter() - t0)
+    if profile_dir:
+      with jax.profiler.trace(f"{profile_dir}/{name}", create_perfetto_trace=True):
+        state, metrics = compiled(state, batch)
+        float(metrics["train/loss"])
+      traces = glob.glob(f"{profile_dir}/{name}/**/perfetto_trace.json.gz", recursive=True)
+      if traces and platform == "gpu":
+        from benchmarks.trace_summary import load_events  # pylint: disable=import-outside-toplevel
+        trace_events = load_events(sorted(traces)[-1])
   if not all(np.isfinite(losses)):
     raise FloatingPointError(f"non-finite loss in {fields}: {losses}")
 
@@ -129,35 +198,56 @@ def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, pro
   flops_per_token = counting.train_flops_per_token(model_cfg, batch["tokens"].shape[1])
   device = jax.devices()[0]
   peak = peak_flops(device.device_kind)
-  tflops = flops_per_token * tokens / seconds / 1e12
-  mem = compiled.memory_analysis()  # the step's own footprint: state, batch, temporaries (donation aliases)
+  tflops = flops_per_token * tokens / seconds / 1e12 / num_devices
+  mem = compiled.memory_analysis()  # the step's own footprint per device: state, batch, temporaries (donation aliases)
   memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             - mem.alias_size_in_bytes) if mem is not None else 0
-  return {"variant": fields, "grouped_matmul": execution.grouped_matmul, "first_loss": losses[0], "compile_s": compile_s, "step_ms_median": seconds * 1e3,
-          "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3, "tokens_per_s": tokens / seconds,
-          "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak if peak else None,
-          "step_memory_gib": memory / 2**30}
+  row = {"variant": fields, "grouped_matmul": execution.grouped_matmul, "first_loss": losses[0], "compile_s": compile_s, "step_ms_median": seconds * 1e3,
+         "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3, "tokens_per_s": tokens / seconds,
+         "tflops_per_device": tflops, "mfu": tflops * 1e12 / peak if peak else None,
+         "step_memory_gib": memory / 2**30}
+  if mesh is not None:
+    row.update(devices=num_devices, mesh=dict(mesh.shape), global_batch=batch["tokens"].shape[0],
+               tokens_per_s_per_device=tokens / seconds / num_devices, losses=losses,
+               expert_parallel=execution.expert_parallel is not None)
+    planned = config.copy_and_resolve_references()  # tools.plan's estimate for this batch, one microbatch
+    planned.update(batch_size=batch["tokens"].shape[0], seq_len=batch["tokens"].shape[1], grad_accum_steps=1)
+    row["planned_memory_gib"] = memory_lib.plan_memory(planned, model_cfg, dict(mesh.shape)).total / 2**30
+    if trace_events is not None:
+      row["collective_ms"] = collective_ms(trace_events, num_devices)
+  return row
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
   config = f.config
-  batch = random_batch(config.model.vocab_size, f.batch, f.seq, f.docs_per_row)
   device = jax.devices()[0]
-  print(f"{device.device_kind} | jax {jax.__version__} | batch {f.batch} x {f.seq}, "
-        f"{f.docs_per_row} document(s) per row | "
+  meshes = [parse_mesh(entry) for entry in f.meshes] or [None]
+  print(f"{device.device_kind} x {jax.device_count()} | jax {jax.__version__} | batch {f.batch} x {f.seq}"
+        f"{' per device' if f.meshes and f.weak_scaling else ''}, {f.docs_per_row} document(s) per row | "
         f"median of {f.steps} steps after {f.warmup} warm-up")
   results = []
-  for spec in f.variants:
-    try:
-      result = time_variant(config, parse_variant(spec), batch, f.warmup, f.steps, f.profile_dir)
-    except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it and time the next variant
-      result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    result["spec"] = spec
-    results.append(result)
-    print(json.dumps(result), flush=True)
-    jax.clear_caches()
+  for sizes in meshes:
+    for spec in f.variants:
+      axes = "+".join(f"{a}={n}" for a, n in (sizes or {}).items() if n > 1) or "1 device"
+      label = spec if sizes is None else f"{spec} @ {axes}"
+      try:
+        mesh = None
+        if sizes is not None:
+          count = int(np.prod(list(sizes.values())))
+          if count > jax.device_count():
+            raise ValueError(f"mesh {sizes} needs {count} devices, {jax.device_count()} present")
+          mesh = sharding.make_mesh(sizes, jax.devices()[:count])
+        rows = f.batch * (mesh.size if mesh is not None and f.weak_scaling else 1)
+        batch = random_batch(config.model.vocab_size, rows, f.seq, f.docs_per_row)
+        result = time_variant(config, parse_variant(spec), batch, f.warmup, f.steps, f.profile_dir, mesh)
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it and time the next variant
+        result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+      result["spec"] = label
+      results.append(result)
+      print(json.dumps(result), flush=True)
+      jax.clear_caches()
   print(f"\n| variant | step ms (min-max) | tokens/s | TFLOP/s | MFU | step GiB | first loss | compile s |")
   print("|---|---|---|---|---|---|---|---|")
   for r in results:
@@ -168,6 +258,16 @@ def main(argv):
     print(f"| {r['spec']} | {r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | "
           f"{r['tokens_per_s']:,.0f} | {r['tflops_per_device']:.0f} | {mfu} | {r['step_memory_gib']:.1f} | "
           f"{r['first_loss']:.4f} | {r['compile_s']:.0f} |")
+  if f.meshes:
+    print("\n| variant @ mesh | devices | global batch | tokens/s per device | step GiB (plan) | all_to_all ms | "
+          "other collectives ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+      if "error" not in r:
+        coll = r.get("collective_ms")
+        coll = f"{coll['all_to_all']:.2f} | {coll['other collectives']:.2f}" if coll else "n/a | n/a"
+        print(f"| {r['spec']} | {r['devices']} | {r['global_batch']} | {r['tokens_per_s_per_device']:,.0f} | "
+              f"{r['step_memory_gib']:.2f} ({r['planned_memory_gib']:.2f}) | {coll} |")
   if f.json:
     versions = {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
     # Output paths are where this machine wrote files, not part of what was measured (a traced step
