@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -226,8 +227,12 @@ def _loop(config, model_cfg, workdir, flops_per_token, state, start, stepper: St
       final = step == config.total_steps
       if step % config.checkpoint_every == 0 or final or stop["signal"]:
         check(step_metrics, step)
+        t0 = time.perf_counter()
         checkpointer.save(step, state, stepper.data_iterator, force=True)
-        _say(is_main, f"step {step}: checkpointing to {checkpointer.directory}/{step}")
+        blocked_s = time.perf_counter() - t0  # how long the step loop waited: the rest is written in the background
+        writer.write(step, {"checkpoint/blocked_s": blocked_s})
+        _say(is_main, f"step {step}: checkpointing to {checkpointer.directory}/{step} "
+             f"(the loop waited {blocked_s:.2f} s)")
         last_good_ckpt = step
       if stop["signal"]:
         logging.warning("received signal %s: checkpointed step %d and stopping", stop["signal"], step)

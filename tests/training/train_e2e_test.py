@@ -90,7 +90,7 @@ class UninterruptedRunTest(absltest.TestCase):
     lines = (self.workdir.parent / "run.log").read_text(errors="replace").splitlines()
     self.assertEqual([l for l in lines if re.match(r"^I\d{4} ", l)], [])
     for expected in ("process 0/1, 1 devices", "initialised a fresh model in", "step 6/6  loss",
-                     "step 6: eval/loss", "step 6: checkpointing to"):
+                     "step 6: eval/loss", "step 6: checkpointing to", "(the loop waited "):
       self.assertTrue(any(expected in l for l in lines), f"{expected!r} not in the console output")
 
   def test_metrics_file_keys(self):
@@ -98,6 +98,10 @@ class UninterruptedRunTest(absltest.TestCase):
     eval_rows = [r for r in self.rows if "eval/loss" in r]
     self.assertEqual([r["step"] for r in train_rows], list(range(1, 7)))
     self.assertEqual([r["step"] for r in eval_rows], [3, 6])
+    # How long each (asynchronous) save held up the step loop: one row per checkpoint.
+    saves = [r for r in self.rows if "checkpoint/blocked_s" in r]
+    self.assertEqual([r["step"] for r in saves], [3, 6])
+    self.assertTrue(all(0 <= r["checkpoint/blocked_s"] < 60 for r in saves), saves)
     for row in train_rows:
       for key in ("train/loss", "train/ce", "train/mtp_ce", "train/lr", "train/grad_norm", "perf/tokens_per_sec",
                   "moe/moe_layers/layer0/load_max", "moe/moe_layers/layer1/routing_entropy", "moe/mtp/load_min"):
