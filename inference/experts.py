@@ -20,7 +20,7 @@ stack (2.4 ms in all).
 Anything else (CPU/TPU, prefill-sized batches, expert parallelism, a tokamax or xla grouped matmul)
 runs the module's own path, so those results are unchanged bit for bit. Weights quantized by
 `inference.quantize` are read as int8 tiles with their per-column scales. `dense_ffn` can run the dense
-MLPs and shared experts through the same kernel as one group (opt-in: SMALL_DENSE_KERNEL).
+MLPs and shared experts through the same kernel as one group (opt-in, SMALL_DENSE_KERNEL: measured slower).
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def small_batch_kernel(moe: MoE, execution: Execution, num_tokens: int) -> bool:
 
 # Dense SwiGLU MLPs (the first dense layers, shared experts) through `grouped_ffn` as one group at
 # decode sizes, instead of XLA's GEMMs (measured at ~40 % of the HBM bandwidth at M = 32–64 rows on an
-# H200, bf16; with int8 weights XLA may convert them to bf16 first). Off until benchmarks/decode.py's
-# `dense=kernel` variant shows it faster on the GPU (not yet measured).
+# H200, bf16). Off: measured slower on an H200 (benchmarks/decode.py's `dense=kernel`, RESULTS.md: 1.385
+# against 1.340 ms a batch-32 step), as one group is only 44–171 column tiles, too few programs to keep
+# every SM streaming; a split over K would be the way to make it pay.
 SMALL_DENSE_KERNEL = False
 SMALL_DENSE_ROWS = 128  # rows (B·T) up to which a dense MLP counts as small: one row tile holds them all
 
