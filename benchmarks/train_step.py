@@ -35,6 +35,7 @@ import datetime
 import glob
 import importlib.metadata
 import json
+import re
 import statistics
 import sys
 import time
@@ -118,7 +119,6 @@ COLLECTIVES = (("all_to_all", r"all.?to.?all|alltoall|sendrecv"),
 def collective_ms(events: list[dict], num_devices: int, device: str = "GPU") -> dict[str, float]:
   """Device milliseconds per collective class (COLLECTIVES) in a trace of one step, per device (the
   trace holds every local device's kernels)."""
-  import re  # pylint: disable=import-outside-toplevel
   from benchmarks.trace_summary import device_time_by_name  # pylint: disable=import-outside-toplevel
   per_name, _, _ = device_time_by_name(events, device)
   out = {label: 0.0 for label, _ in COLLECTIVES}
@@ -162,10 +162,11 @@ def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, pro
     execution.check(model_cfg, platform=platform)
     rs = run_state.plan(config, model_cfg, tx, mesh)
     state = run_state.initial_state(rs, config, tx, mesh)
-    batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    batch = jax.device_put(batch, batch_sharding)
     with jax.set_mesh(mesh):
       step = jax.jit(step_lib.make_train_step(rs.modeldef, tx, schedule, config, execution),
-                     in_shardings=(rs.shardings, sharding.batch_sharding(mesh, rules)),
+                     in_shardings=(rs.shardings, batch_sharding),
                      out_shardings=(rs.shardings, None), donate_argnums=(0,))
 
   num_devices = 1 if mesh is None else mesh.size
