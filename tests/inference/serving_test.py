@@ -89,9 +89,14 @@ class ResolutionTest(absltest.TestCase):
     model = tiny_models.build(tiny_models.v3_style())
     if jax.default_backend() != "gpu":
       self.assertIsNone(inference.decode_layers(model, B))  # CPU: the module's experts, per layer
-    layers = inference.decode_layers(model, B, PALLAS)
+    with mock.patch.object(experts, "DECODE_MLP_MULTIPLE", 0):  # as stored: a layer's slice of the stack
+      layers = inference.decode_layers(model, B, PALLAS)
     self.assertEqual([len(layers[k]) for k in ("dense", "moe")], [1, 2])
     chex.assert_trees_all_equal(layers["moe"][1], jax.tree.map(lambda a: a[1], nnx.state(model.moe_layers)))
+    padded = inference.decode_layers(model, B, PALLAS)  # the MLP widths padded to DECODE_MLP_MULTIPLE
+    widths = (padded["dense"][0]["ffn"]["down"].shape[0], padded["moe"][1]["ffn"]["shared"]["down"].shape[0])
+    self.assertEqual([w % experts.DECODE_MLP_MULTIPLE for w in widths], [0, 0])
+    self.assertGreater(widths[0], model.cfg.dense_intermediate_size)
     big = experts.SMALL_ROWS_PER_EXPERT * model.cfg.n_routed_experts // model.cfg.num_experts_per_tok + 1
     self.assertIsNone(inference.decode_layers(model, big, PALLAS))  # prefill-sized: the training kernels
 
@@ -175,6 +180,24 @@ class SmallBatchExpertsTest(parameterized.TestCase):
       g1, u1 = jnp.dot(x[r], gate[1, g], precision=hi), jnp.dot(x[r], up[1, g], precision=hi)
       np.testing.assert_allclose(out[r], jax.nn.silu(g1) * u1, rtol=1e-5, atol=1e-4)
       np.testing.assert_allclose(lin[r], jnp.dot(x[r], gate[0, g], precision=hi), rtol=1e-5, atol=1e-4)
+
+
+class PadMlpWidthTest(parameterized.TestCase):
+
+  @parameterized.parameters("float", "int8")
+  def test_padding_keeps_the_output(self, weights):
+    cfg = tiny_models.v3_style(dtype=jnp.float32, param_dtype=jnp.float32)
+    mlp = MLP(cfg, 40, rngs=nnx.Rngs(3))
+    if weights == "int8":
+      for name in ("gate", "up", "down"):
+        getattr(mlp, name).set_value(quantized.quantize_int8(getattr(mlp, name)[...], (-2,)))
+    x = jax.random.normal(jax.random.key(4), (2, 3, cfg.hidden_size))
+    before = mlp(x)
+    experts.pad_mlp_width(mlp, 32)
+    self.assertEqual((mlp.gate.shape[-1], mlp.up.shape[-1], mlp.down.shape[0]), (64, 64, 64))
+    np.testing.assert_allclose(mlp(x), before, rtol=1e-6, atol=1e-6)
+    if weights == "int8":
+      self.assertEqual((mlp.gate[...].scale.shape, mlp.down[...].scale.shape), ((1, 64), (1, cfg.hidden_size)))
 
 
 class KernelDecodeTest(absltest.TestCase):

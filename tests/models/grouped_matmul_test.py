@@ -3,6 +3,7 @@
 
 import functools
 import unittest
+from unittest import mock
 
 from absl.testing import absltest, parameterized
 import jax
@@ -112,8 +113,20 @@ class AroundTheKernelTest(parameterized.TestCase):
 
   def test_sort_by_expert(self):
     _, ids, _, _ = _problem(seed=3, padding=9)
-    sizes, source, position = (np.asarray(a) for a in experts_lib.sort_by_expert(ids, E))
-    ids = np.asarray(ids)
+    layouts = {}
+    for name, largest in (("argsort", 0), ("counting", len(ids))):  # both algorithms of sort_by_expert
+      with mock.patch.object(experts_lib, "COUNTING_SORT_MAX", largest):
+        layouts[name] = [np.asarray(a) for a in jax.jit(experts_lib.sort_by_expert, static_argnums=1)(ids, E)]
+    for ours, theirs in zip(layouts["counting"], layouts["argsort"]):
+      np.testing.assert_array_equal(ours, theirs)
+    self._check_layout(np.asarray(ids), *layouts["counting"])
+
+  def test_count_ids(self):
+    ids = jax.random.randint(jax.random.key(5), (7, 9), -2, E + 3)  # some out of range on both sides
+    np.testing.assert_array_equal(experts_lib.count_ids(ids, E),
+                                  np.bincount(np.asarray(ids).ravel() + 2, minlength=E + 5)[2:E + 2])
+
+  def _check_layout(self, ids, sizes, source, position):
     np.testing.assert_array_equal(sizes, np.bincount(ids, minlength=E + 1)[:E])
     valid = int(sizes.sum())
     np.testing.assert_array_equal(ids[source[:valid]], np.repeat(np.arange(E), sizes))  # grouped by expert
