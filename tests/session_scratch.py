@@ -65,6 +65,16 @@ def data_dir() -> str:
   return str(once("tfds", build))
 
 
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def add_xla_flag(flag: str) -> None:
+  """Appends `flag` to this process's XLA_FLAGS (before JAX starts its backend), unless already there."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flag.split("=")[0] not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
 def subprocess_env(xla_flags: str | None = None) -> dict:
   """Environment for a CPU subprocess of the repo's scripts, with the session's compilation cache."""
   cache = root() / "jax_cache"
@@ -74,9 +84,7 @@ def subprocess_env(xla_flags: str | None = None) -> dict:
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
              PYTHONUNBUFFERED="1")
   env.pop("PYTEST_XDIST_WORKER", None)
-  env.pop("XLA_FLAGS", None)
-  if xla_flags:
-    env["XLA_FLAGS"] = xla_flags
+  env["XLA_FLAGS"] = f"{xla_flags or ''} {FAST_COMPILE}".strip()  # the caller's flags, compiled fast
   return env
 
 
