@@ -20,7 +20,7 @@ stack (2.4 ms in all).
 Anything else (CPU/TPU, prefill-sized batches, expert parallelism, a tokamax or xla grouped matmul)
 runs the module's own path, so those results are unchanged bit for bit. Weights quantized by
 `inference.quantize` are read as int8 tiles with their per-column scales. `dense_ffn` can run the dense
-MLPs and shared experts through the same kernel as one group (opt-in, SMALL_DENSE_KERNEL: measured slower).
+MLPs and shared experts through inference/streamed_matmul.py's split-K kernel (opt-in, SMALL_DENSE_KERNEL).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from inference import streamed_matmul
 from models import grouped_matmul
 from models.execution import Execution
 from models.experts import RoutedExperts, assignment_rows, combine, permute_rows, sort_by_expert
@@ -71,34 +72,31 @@ def small_batch_kernel(moe: MoE, execution: Execution, num_tokens: int) -> bool:
           and num_tokens * cfg.num_experts_per_tok <= SMALL_ROWS_PER_EXPERT * cfg.n_routed_experts)
 
 
-# Dense SwiGLU MLPs (the first dense layers, shared experts) through `grouped_ffn` as one group at
-# decode sizes, instead of XLA's GEMMs (measured at ~40 % of the HBM bandwidth at M = 32–64 rows on an
-# H200, bf16). Off: measured slower on an H200 (benchmarks/decode.py's `dense=kernel`, RESULTS.md: 1.385
-# against 1.340 ms a batch-32 step), as one group is only 44–171 column tiles, too few programs to keep
-# every SM streaming; a split over K would be the way to make it pay.
+# Dense SwiGLU MLPs (the first dense layers, shared experts) at decode sizes through
+# inference/streamed_matmul.py's split-K kernel instead of XLA's GEMMs (these ran at ~40 % of the HBM
+# bandwidth at M = 32–64 rows on an H200, bf16). Off until measured on a GPU (benchmarks/decode.py's
+# `dense=kernel`): its first version, one column tile per program and no split of K, was slower (1.385
+# against 1.340 ms a batch-32 step): 16–171 programs, too few to keep 132 SMs streaming.
 SMALL_DENSE_KERNEL = False
 SMALL_DENSE_ROWS = 128  # rows (B·T) up to which a dense MLP counts as small: one row tile holds them all
+DENSE_TILES = {"gate_up": dict(block_n=64, block_k=128, num_warps=4, num_stages=3),
+               "down": dict(block_n=128, block_k=128, num_warps=4, num_stages=3)}
 
 
 def dense_ffn(mlp: MLP, x_BTD, execution: Execution):
-  """A dense SwiGLU MLP for generation: [B, T, D] → [B, T, D], as `mlp(x_BTD)`; through `grouped_ffn`
-  (every row in one row tile, so each weight is read once) when SMALL_DENSE_KERNEL is on, generation's
-  Pallas kernels run, the MLP has no biases and B·T ≤ SMALL_DENSE_ROWS."""
+  """A dense SwiGLU MLP for generation: [B, T, D] → [B, T, D], as `mlp(x_BTD)`; through
+  `streamed_matmul.split_k_products` when SMALL_DENSE_KERNEL is on, generation's Pallas kernels run, the
+  MLP has no biases and B·T ≤ SMALL_DENSE_ROWS."""
   b, t, d = x_BTD.shape
   cfg = mlp.cfg
   if not (SMALL_DENSE_KERNEL and pallas_kernels(execution) and mlp.gate_bias is None and b * t <= SMALL_DENSE_ROWS
           and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16, jnp.float32)):
     return mlp(x_BTD)
-  m = b * t
-  block_m = max(16, 1 << (m - 1).bit_length())
   (gate, up, down), scales = _values_and_scales((mlp.gate[...], mlp.up[...], mlp.down[...]))
-  one_group = lambda w: w[None, None]  # [K, N] as layer 0, group 0 of a stack
-  scales = scales and tuple(one_group(sc) for sc in scales)
-  layer_1, sizes_1 = jnp.zeros((1,), jnp.int32), jnp.full((1,), m, jnp.int32)
-  h_MF = grouped_ffn(x_BTD.reshape(m, d).astype(cfg.dtype), (one_group(gate), one_group(up)), layer_1, sizes_1,
-                     scales=scales and scales[:2], **dict(tiles("gate_up", scales), block_m=block_m))
-  y_MD = grouped_ffn(h_MF, (one_group(down),), layer_1, sizes_1, scales=scales and scales[2:],
-                     **dict(tiles("down", scales), block_m=block_m))
+  x_MD = x_BTD.reshape(b * t, d).astype(cfg.dtype)
+  gate_MF, up_MF = streamed_matmul.split_k_products(x_MD, (gate, up), scales and scales[:2], **DENSE_TILES["gate_up"])
+  h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(cfg.dtype)  # fuses with the sum over the splits
+  (y_MD,) = streamed_matmul.split_k_products(h_MF, (down,), scales and scales[2:], **DENSE_TILES["down"])
   return y_MD.reshape(b, t, d).astype(x_BTD.dtype)
 
 

@@ -31,6 +31,7 @@ def _interpreted():
   interpreted = lambda table: {k: dict(v, interpret=True) for k, v in table.items()}
   with mock.patch.dict(experts.TILES, interpreted(experts.TILES)), \
        mock.patch.dict(experts.INT8_TILES, interpreted(experts.INT8_TILES)), \
+       mock.patch.dict(experts.DENSE_TILES, interpreted(experts.DENSE_TILES)), \
        mock.patch.dict(attention.DECODE_KERNEL, interpret=True):
     yield
 
@@ -124,8 +125,8 @@ class SmallBatchExpertsTest(parameterized.TestCase):
 
   @parameterized.parameters(False, True)
   def test_dense_ffn_matches_the_mlp(self, int8):
-    """Dense MLPs (first layers, shared experts) through the kernel as one group, every row in one row
-    tile: float32 weights, or int8 ones with their per-column scales (as `inference.quantize` makes)."""
+    """Dense MLPs (first layers, shared experts) through the split-K kernel, every row in one row tile:
+    float32 weights, or int8 ones with their per-column scales (as `inference.quantize` makes)."""
     cfg = tiny_models.v3_style()
     mlp = MLP(cfg, 40, rngs=nnx.Rngs(2))
     if int8:
