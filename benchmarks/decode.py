@@ -23,7 +23,9 @@ Variants (--variants, each `name` or `name+key=value...`):
   options    gmm=<auto|xla|pallas|tokamax>, attn=<xla|cudnn> (Execution fields), small=module (small
              batches through the training path, not inference/experts.py's kernels), gu=/dn=NxKxWxS
              (its gate-up / down tiles: block_n, block_k, num_warps, num_stages), dense=kernel (dense
-             MLPs and shared experts through the same kernel, `inference.experts.dense_ffn`), q=int8 (the model
+             MLPs and shared experts through inference/streamed_matmul.py's split-K kernel,
+             `inference.experts.dense_ffn`), proj=kernel (the attention projections through it too,
+             `inference.attention.STREAMED_PROJECTIONS`), q=int8 (the model
              through `inference.quantize(model, "int8")`: int8 weights, compute in --dtype), pad=N (the
              decode loop's MLP widths a multiple of N, 0: as stored; `experts.DECODE_MLP_MULTIPLE`),
              sort=<argsort|counting> (the dropless layout of small steps; `COUNTING_SORT_MAX`),
@@ -114,8 +116,8 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
       fields["attention_impl"] = value
     elif key == "small" and value == "module":
       settings["small"] = value
-    elif key == "dense" and value == "kernel":
-      settings["dense"] = value
+    elif key in ("dense", "proj") and value == "kernel":
+      settings[key] = value
     elif key == "q" and value == "int8":
       settings["quantize"] = value
     elif key == "pad" and value.isdigit():
@@ -130,7 +132,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
       n, k, w, s = (int(v) for v in value.split("x"))
       settings[key] = dict(block_n=n, block_k=k, num_warps=w, num_stages=s)
     else:
-      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, dense=, gu=, dn=, q=, pad=, sort=, xla=)")
+      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, dense=, proj=, gu=, dn=, q=, pad=, sort=, xla=)")
   return fields, settings
 
 
@@ -145,13 +147,15 @@ class experts_settings:  # pylint: disable=invalid-name
   def __enter__(self):
     if not set(self.settings) - {"quantize", "xla"}:
       return
-    from inference import experts  # pylint: disable=import-outside-toplevel
+    from inference import attention, experts  # pylint: disable=import-outside-toplevel
     from models import experts as model_experts  # pylint: disable=import-outside-toplevel
     patch = lambda module, name, value: self.patches.enter_context(mock.patch.object(module, name, value))
     if self.settings.get("small") == "module":
       patch(experts, "SMALL_ROWS_PER_EXPERT", -1)
     if self.settings.get("dense") == "kernel":
       patch(experts, "SMALL_DENSE_KERNEL", True)
+    if self.settings.get("proj") == "kernel":
+      patch(attention, "STREAMED_PROJECTIONS", True)
     if "pad" in self.settings:
       patch(experts, "DECODE_MLP_MULTIPLE", self.settings["pad"])
     if "sort" in self.settings:  # argsort: never sort by counting

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from inference import mla_decode
+from inference import mla_decode, streamed_matmul
 from models import quantized
 from models.layers import matmul, precision_for
 from models.mla import MLA
@@ -24,6 +24,11 @@ _NEG = jnp.finfo(jnp.float32).min
 
 # Settings of inference/mla_decode.py's kernel (tests run it interpreted on CPUs: interpret=True).
 DECODE_KERNEL = {}
+# With the kernel: the attention projections (wq or wq_a/wq_b, wkv_a, wo) through
+# inference/streamed_matmul.py's split-K kernel instead of XLA's GEMMs, which ran at ~30 % of the HBM
+# bandwidth at 32–64 rows on an H200 (73–86 µs a bench-model step for ~21 µs of weights). Off until
+# measured on a GPU (benchmarks/decode.py's `proj=kernel`).
+STREAMED_PROJECTIONS = False
 
 
 def _expanded_entries(k_nope_BTHK, v_BTHK, k_pe_BTK) -> dict[str, jax.Array]:
@@ -70,8 +75,9 @@ def cached_attention(attn: MLA, x_BUD, cos_BUK, sin_BUK, stack_cache: dict[str, 
   cfg = attn.cfg
   u = x_BUD.shape[1]
   new_mask_UU = jnp.tril(jnp.ones((u, u), bool))
-  q_nope_BUHK, q_pe_BUHK = attn.query(x_BUD, cos_BUK, sin_BUK)
-  c_BUR, k_pe_BUK = attn.latent(x_BUD, cos_BUK, sin_BUK)
+  project = streamed_matmul.project if kernel and kind == "latent" and STREAMED_PROJECTIONS else None
+  q_nope_BUHK, q_pe_BUHK = attn.query(x_BUD, cos_BUK, sin_BUK, project)
+  c_BUR, k_pe_BUK = attn.latent(x_BUD, cos_BUK, sin_BUK, project)
   s = next(iter(stack_cache.values())).shape[2]
   cache_valid_BS = jnp.arange(s)[None, :] < lengths_B[:, None]
 
@@ -88,7 +94,7 @@ def cached_attention(attn: MLA, x_BUD, cos_BUK, sin_BUK, stack_cache: dict[str, 
                                                layer, lengths_B, c_new, k_pe_new, cfg.softmax_scale,
                                                **DECODE_KERNEL)
       o_BUHK = matmul(o_lat_BUHR, w_uv_RHK, cfg, "buhr,rhk->buhk")
-      return attn.output(o_BUHK), {"c": c_BUR, "k_pe": k_pe_BUK}
+      return attn.output(o_BUHK, project), {"c": c_BUR, "k_pe": k_pe_BUK}
     c_BSR, k_pe_BSK = stack_cache["c"][layer], stack_cache["k_pe"][layer]
     scores_cache = (jnp.einsum("buhr,bsr->bhus", q_lat_BUHR, c_BSR, **f32)
                     + jnp.einsum("buhk,bsk->bhus", q_pe_BUHK, k_pe_BSK, **f32))

@@ -13,10 +13,13 @@ weights at these M.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from models.layers import precision_for
+from models import quantized
+from models.layers import matmul, precision_for
 
 _SMS = 132  # H100 / H200 SXM streaming multiprocessors
 _WAVES = 2  # programs per SM to aim for: one wave leaves SMs idle at the tail
@@ -94,3 +97,36 @@ def split_k_products(x_MK, weights, scales=None, *, block_n: int = 128, block_k:
       interpret=interpret, name="split_k_products",
   )(x_MK, *weights, *scales)
   return tuple(jnp.sum(p, axis=0) for p in partials_SMN)  # unstacked: each sum fuses into its consumer
+
+
+# Settings of `project`'s kernel (tests run it interpreted on CPUs: interpret=True).
+PROJECTION_TILES = dict(block_n=64, block_k=128, num_warps=4, num_stages=3)
+
+
+def project(x, w, cfg, spec: str):
+  """`models.layers.matmul(x, w, cfg, spec)` through `split_k_products` when the einsum is one: x's last
+  axes contract w's first ones ("btd,dhk->bthk", "bthk,hkd->btd"), x has at most 128 rows, and an int8
+  weight's scale is per output channel; otherwise `matmul` itself. The result is in cfg.dtype, as
+  matmul's. The attention projections of a decode step (`models.mla.MLA`'s `project` argument)."""
+  inputs, out = spec.replace(" ", "").split("->")
+  lhs, rhs = inputs.split(",")
+  shared = [label for label in lhs if label in rhs]
+  c = len(shared)
+  lead, rest = lhs[:len(lhs) - c], rhs[c:]
+  ok = (lhs.endswith("".join(shared)) and rhs.startswith("".join(shared)) and out == lead + rest
+        and "..." not in spec and x.ndim == len(lhs) and w.ndim == len(rhs))
+  rows = int(math.prod(x.shape[:len(lead)])) if ok else 0
+  contracted = tuple(range(-w.ndim, -w.ndim + c))
+  if isinstance(w, quantized.Int8Weight):
+    ok = ok and w.contracted == contracted
+  if not ok or rows > 128:
+    return matmul(x, w, cfg, spec)
+  k = int(math.prod(x.shape[len(lead):]))
+  n = int(math.prod(w.shape[c:]))
+  x_MK = x.reshape(rows, k).astype(cfg.dtype)
+  if isinstance(w, quantized.Int8Weight):
+    values, scales = (w.values.reshape(k, n),), (w.scale.reshape(n),)
+  else:
+    values, scales = (w.reshape(k, n),), None
+  (y_MN,) = split_k_products(x_MK, values, scales, **PROJECTION_TILES)
+  return y_MN.astype(cfg.dtype).reshape(*x.shape[:len(lead)], *w.shape[c:])

@@ -53,21 +53,24 @@ class MLA(nnx.Module):
     b = getattr(self, name, None)
     return 0 if b is None else b[...].astype(self.cfg.dtype)
 
-  def query(self, x_BTD, cos_BTK, sin_BTK):
+  # `project` (query, latent, output): the matmul of the projection, `models.layers.matmul` by default;
+  # generation passes a weight-streaming kernel for its few rows (inference/streamed_matmul.py).
+  def query(self, x_BTD, cos_BTK, sin_BTK, project=None):
     """Per-head queries split into (q_nope [B,T,H,Kn], roped q_pe [B,T,H,Kr])."""
     cfg = self.cfg
+    project = project or matmul
     if cfg.q_lora_rank is None:
-      q_BTHK = matmul(x_BTD, self.wq[...], cfg, "btd,dhk->bthk")
+      q_BTHK = project(x_BTD, self.wq[...], cfg, "btd,dhk->bthk")
     else:
-      cq_BTR = matmul(x_BTD, self.wq_a[...], cfg, "btd,dr->btr") + self._bias("wq_a_bias")
-      q_BTHK = matmul(self.q_norm(cq_BTR), self.wq_b[...], cfg, "btr,rhk->bthk")
+      cq_BTR = project(x_BTD, self.wq_a[...], cfg, "btd,dr->btr") + self._bias("wq_a_bias")
+      q_BTHK = project(self.q_norm(cq_BTR), self.wq_b[...], cfg, "btr,rhk->bthk")
     q_nope, q_pe = jnp.split(q_BTHK, [cfg.qk_nope_head_dim], axis=-1)
     return q_nope, apply_rope(q_pe, cos_BTK, sin_BTK, cfg.rope_interleave)
 
-  def latent(self, x_BTD, cos_BTK, sin_BTK):
+  def latent(self, x_BTD, cos_BTK, sin_BTK, project=None):
     """What an absorbed decode cache keeps: (kv_norm(c) [B,T,R], roped shared k_pe [B,T,Kr])."""
     cfg = self.cfg
-    kv_BTX = matmul(x_BTD, self.wkv_a[...], cfg, "btd,dx->btx") + self._bias("wkv_a_bias")
+    kv_BTX = (project or matmul)(x_BTD, self.wkv_a[...], cfg, "btd,dx->btx") + self._bias("wkv_a_bias")
     c_BTR, k_pe_BTK = jnp.split(kv_BTX, [cfg.kv_lora_rank], axis=-1)
     return self.kv_norm(c_BTR), apply_rope(k_pe_BTK, cos_BTK, sin_BTK, cfg.rope_interleave)
 
@@ -76,8 +79,8 @@ class MLA(nnx.Module):
     kv_BSHK = matmul(c_BSR, self.wkv_b[...], self.cfg, "bsr,rhk->bshk")
     return jnp.split(kv_BSHK, [self.cfg.qk_nope_head_dim], axis=-1)
 
-  def output(self, o_BTHK):
-    return matmul(o_BTHK, self.wo[...], self.cfg, "bthk,hkd->btd") + self._bias("wo_bias")
+  def output(self, o_BTHK, project=None):
+    return (project or matmul)(o_BTHK, self.wo[...], self.cfg, "bthk,hkd->btd") + self._bias("wo_bias")
 
   def expanded_attention(self, q_nope_BTHK, q_pe_BTHK, k_nope_BSHK, k_pe_BSK, v_BSHK, mask_B1TS,
                          impl: str = "xla"):

@@ -16,7 +16,7 @@ from flax import nnx
 import inference
 import models
 from inference import decode as decode_lib
-from inference import attention, experts
+from inference import attention, experts, streamed_matmul
 from models import grouped_matmul, quantized
 from models.layers import MLP
 from tests.inference import tiny_models
@@ -32,6 +32,7 @@ def _interpreted():
   with mock.patch.dict(experts.TILES, interpreted(experts.TILES)), \
        mock.patch.dict(experts.INT8_TILES, interpreted(experts.INT8_TILES)), \
        mock.patch.dict(experts.DENSE_TILES, interpreted(experts.DENSE_TILES)), \
+       mock.patch.dict(streamed_matmul.PROJECTION_TILES, interpret=True), \
        mock.patch.dict(attention.DECODE_KERNEL, interpret=True):
     yield
 
@@ -215,6 +216,20 @@ class KernelDecodeTest(absltest.TestCase):
       tokens, logits, split = _greedy_loop(model, ids, N, PALLAS)
     self.assertFalse(ref_split)
     self.assertTrue(split)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
+
+  def test_opt_in_streamed_matmuls_match_the_reference(self):
+    """The same with the dense MLPs, shared experts and attention projections through the split-K
+    kernel (SMALL_DENSE_KERNEL, STREAMED_PROJECTIONS: off by default until measured on a GPU)."""
+    cfg = tiny_models.v3_style()
+    model = tiny_models.build(cfg, seed=5)
+    ids = tiny_models.prompts(cfg, B, T, seed=7)
+    ref_tokens, ref_logits, _ = _greedy_loop(model, ids, N, models.Execution(grouped_matmul="xla"))
+    with _interpreted(), mock.patch.object(experts, "SMALL_DENSE_KERNEL", True), \
+         mock.patch.object(attention, "STREAMED_PROJECTIONS", True), \
+         mock.patch.object(streamed_matmul, "matmul", side_effect=AssertionError("a projection fell back")):
+      tokens, logits, _ = _greedy_loop(model, ids, N, PALLAS)
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
 

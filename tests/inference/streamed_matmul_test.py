@@ -5,8 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
+from unittest import mock
+
+from inference.quantize import CONTRACTED
 from inference import streamed_matmul
 from models import quantized
+from models.layers import matmul
+from tests.inference import tiny_models
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -57,6 +62,36 @@ class SplitKProductsTest(parameterized.TestCase):
       streamed_matmul.split_k_products(jnp.zeros((129, 32)), ws, interpret=True)
     with self.assertRaisesRegex(ValueError, "weights must all be"):
       streamed_matmul.split_k_products(x, (ws[0], ws[1][:, :8]), interpret=True)
+
+
+class ProjectTest(parameterized.TestCase):
+  """`project` against `models.layers.matmul` on MLA's projection einsums (float32: full precision)."""
+
+  CASES = (("btd,dhk->bthk", (2, 3, 16), (16, 4, 6), "wq"), ("btd,dx->btx", (2, 3, 16), (16, 10), "wkv_a"),
+           ("bthk,hkd->btd", (2, 3, 4, 6), (4, 6, 16), "wo"))
+
+  @parameterized.product(case=(0, 1, 2), int8=(False, True))
+  def test_matches_matmul(self, case, int8):
+    spec, x_shape, w_shape, name = self.CASES[case]
+    cfg = tiny_models.v3_style(dtype=jnp.float32)
+    rng = np.random.default_rng(case)
+    x, w = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in (x_shape, w_shape))
+    if int8:
+      w = quantized.quantize_int8(w, CONTRACTED.get(name, (-2,)))
+    with mock.patch.dict(streamed_matmul.PROJECTION_TILES, interpret=True, block_n=16, block_k=16), \
+         mock.patch.object(streamed_matmul, "matmul", side_effect=AssertionError("fell back")):
+      got = streamed_matmul.project(x, w, cfg, spec)
+    want = matmul(x, w, cfg, spec)
+    self.assertEqual((got.shape, got.dtype), (want.shape, want.dtype))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  def test_other_einsums_and_many_rows_take_matmul(self):
+    cfg = tiny_models.v3_style(dtype=jnp.float32)
+    q, w_uk = jnp.ones((2, 1, 4, 6)), jnp.ones((8, 4, 6))
+    many, w = jnp.ones((3, 50, 16)), jnp.ones((16, 10))
+    with mock.patch.object(streamed_matmul, "split_k_products", side_effect=AssertionError("streamed")):
+      streamed_matmul.project(q, w_uk, cfg, "buhk,rhk->buhr")  # batched over heads: not one matmul
+      streamed_matmul.project(many, w, cfg, "btd,dx->btx")  # 150 rows
 
 
 if __name__ == "__main__":
