@@ -25,7 +25,8 @@ Variants (--variants, each `name` or `name+key=value...`):
              (its gate-up / down tiles: block_n, block_k, num_warps, num_stages), dense=kernel (dense
              MLPs and shared experts through inference/streamed_matmul.py's split-K kernel,
              `inference.experts.dense_ffn`), proj=kernel (the attention projections through it too,
-             `inference.attention.STREAMED_PROJECTIONS`), q=int8 (the model
+             `inference.attention.STREAMED_PROJECTIONS`), route=kernel (a decode step's routing as
+             inference/route_kernel.py's kernel, `inference.experts.ROUTE_KERNEL`), q=int8 (the model
              through `inference.quantize(model, "int8")`: int8 weights, compute in --dtype), pad=N (the
              decode loop's MLP widths a multiple of N, 0: as stored; `experts.DECODE_MLP_MULTIPLE`),
              sort=<argsort|counting> (the dropless layout of small steps; `COUNTING_SORT_MAX`),
@@ -116,7 +117,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
       fields["attention_impl"] = value
     elif key == "small" and value == "module":
       settings["small"] = value
-    elif key in ("dense", "proj") and value == "kernel":
+    elif key in ("dense", "proj", "route") and value == "kernel":
       settings[key] = value
     elif key == "q" and value == "int8":
       settings["quantize"] = value
@@ -132,7 +133,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
       n, k, w, s = (int(v) for v in value.split("x"))
       settings[key] = dict(block_n=n, block_k=k, num_warps=w, num_stages=s)
     else:
-      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, dense=, proj=, gu=, dn=, q=, pad=, sort=, xla=)")
+      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, dense=, proj=, route=, gu=, dn=, q=, pad=, sort=, xla=)")
   return fields, settings
 
 
@@ -156,6 +157,8 @@ class experts_settings:  # pylint: disable=invalid-name
       patch(experts, "SMALL_DENSE_KERNEL", True)
     if self.settings.get("proj") == "kernel":
       patch(attention, "STREAMED_PROJECTIONS", True)
+    if self.settings.get("route") == "kernel":
+      patch(experts, "ROUTE_KERNEL", True)
     if "pad" in self.settings:
       patch(experts, "DECODE_MLP_MULTIPLE", self.settings["pad"])
     if "sort" in self.settings:  # argsort: never sort by counting

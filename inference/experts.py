@@ -28,10 +28,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from inference import streamed_matmul
+from inference import route_kernel, streamed_matmul
 from models import grouped_matmul
 from models.execution import Execution
-from models.experts import RoutedExperts, assignment_rows, combine, permute_rows, sort_by_expert
+from models.experts import RoutedExperts, assignment_rows, combine, invert_positions, permute_rows, sort_by_expert
 from models.layers import MLP, precision_for
 from models.quantized import Int8Weight
 from models.moe import MoE
@@ -49,6 +49,13 @@ TILES = {"gate_up": dict(block_n=64, block_k=128, num_warps=4, num_stages=4),
 # so more programs share an SM) take a batch-32 int8 decode step from 1.37 to 1.22 ms.
 INT8_TILES = {"gate_up": dict(block_n=128, block_k=128, num_warps=4, num_stages=2),
               "down": dict(block_n=128, block_k=128, num_warps=4, num_stages=2)}
+
+
+# A decode step's routing after the router's matmul (scores, top-k, weights, the dropless layout) as
+# inference/route_kernel.py's one kernel instead of ~10 XLA ones a layer, for routers without expert
+# groups. Off until measured on a GPU (benchmarks/decode.py's `route=kernel`).
+ROUTE_KERNEL = False
+ROUTE_SETTINGS = {}  # route_kernel.route's settings (tests: interpret=True)
 
 
 def tiles(name: str, scales) -> dict:
@@ -168,10 +175,16 @@ def moe_ffn(moe: MoE, x_BTD, execution: Execution, stacked=None, layer=None):
   cfg = moe.cfg
   if stacked is None:
     stacked, layer = tuple(w[None] for w in _raw_weights(moe.experts)), 0
-  routing = moe.router(x_BTD)
   k = cfg.num_experts_per_tok
-  experts_A = routing.experts_BTk.reshape(-1)
-  group_sizes_E, source_S, position_A = sort_by_expert(experts_A, cfg.n_routed_experts)
+  if ROUTE_KERNEL and route_kernel.supported(cfg, b * t):
+    bias = None if moe.router.bias is None else moe.router.bias[...]
+    weights_Nk, _, group_sizes_E, position_A = route_kernel.route(
+        moe.router.logits(x_BTD).reshape(b * t, -1), bias, cfg, **ROUTE_SETTINGS)
+    source_S, weights_A = invert_positions(position_A), weights_Nk.reshape(-1)
+  else:
+    routing = moe.router(x_BTD)
+    group_sizes_E, source_S, position_A = sort_by_expert(routing.experts_BTk.reshape(-1), cfg.n_routed_experts)
+    weights_A = routing.weights_BTk.reshape(-1)
   x_SD = permute_rows(assignment_rows(x_BTD.reshape(b * t, d), k).astype(cfg.dtype), source_S, position_A)
   layer_1 = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
   # Read in their stored dtype (int8 too), cast to x's tile by tile in the kernel.
@@ -179,7 +192,7 @@ def moe_ffn(moe: MoE, x_BTD, execution: Execution, stacked=None, layer=None):
   h_SF = grouped_ffn(x_SD, (gate, up), layer_1, group_sizes_E, scales=scales and scales[:2],
                      **tiles("gate_up", scales))
   y_SD = grouped_ffn(h_SF, (down,), layer_1, group_sizes_E, scales=scales and scales[2:], **tiles("down", scales))
-  y_ND = combine(permute_rows(y_SD, position_A, source_S), routing.weights_BTk.reshape(-1), k)
+  y_ND = combine(permute_rows(y_SD, position_A, source_S), weights_A, k)
   y_BTD = y_ND.astype(x_BTD.dtype).reshape(b, t, d)
   if moe.shared is not None:
     y_BTD = y_BTD + dense_ffn(moe.shared, x_BTD, execution)

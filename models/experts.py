@@ -129,9 +129,15 @@ def _sort_by_counting(experts_A, num_experts: int):
   starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
   position_A = jnp.sum(jnp.where(onehot_AE, starts_E + running_AE - 1, 0), axis=1, dtype=jnp.int32)
   position_A = jnp.where(jnp.any(onehot_AE, axis=1), position_A, a)
+  return group_sizes_E, invert_positions(position_A), position_A
+
+
+def invert_positions(position_A):
+  """source_S of a dropless layout from its position_A (out-of-range positions: no row): sorted row s
+  reads the assignment placed there, A where none is; one [A, A] match, for a few assignments."""
+  a = position_A.shape[0]
   rows = jnp.arange(a, dtype=jnp.int32)
-  source_S = jnp.min(jnp.where(position_A[None, :] == rows[:, None], rows[None, :], a), axis=1)
-  return group_sizes_E, source_S, position_A
+  return jnp.min(jnp.where(position_A[None, :] == rows[:, None], rows[None, :], a), axis=1)
 
 
 def _dropless(cfg, weights, x_AD, experts_A, grouped: str):

@@ -38,12 +38,16 @@ class Router(nnx.Module):
     else:
       self.bias = None
 
-  def __call__(self, x_BTD) -> Routing:
-    cfg = self.cfg
+  def logits(self, x_BTD):
+    """float32 [B, T, E] router logits."""
     # Always float32 at full precision, whatever the model's dtype: a TF32 or bf16 product would move
     # near-tied scores enough to flip expert choices between backends.
-    logits_BTE = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), self.kernel[...].astype(jnp.float32),
-                            precision=precision_for(jnp.float32))
+    return jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), self.kernel[...].astype(jnp.float32),
+                      precision=precision_for(jnp.float32))
+
+  def __call__(self, x_BTD) -> Routing:
+    cfg = self.cfg
+    logits_BTE = self.logits(x_BTD)
     if cfg.score_func == "sigmoid":
       scores_BTE = jax.nn.sigmoid(logits_BTE)
     else:

@@ -4,6 +4,7 @@ The Pallas kernels run interpreted here (CPU); the GPU run of benchmarks/decode.
 the compiled ones with the reference (float32 tokens equal)."""
 
 import contextlib
+import dataclasses
 from unittest import mock
 
 import chex
@@ -33,6 +34,7 @@ def _interpreted():
        mock.patch.dict(experts.INT8_TILES, interpreted(experts.INT8_TILES)), \
        mock.patch.dict(experts.DENSE_TILES, interpreted(experts.DENSE_TILES)), \
        mock.patch.dict(streamed_matmul.PROJECTION_TILES, interpret=True), \
+       mock.patch.dict(experts.ROUTE_SETTINGS, interpret=True), \
        mock.patch.dict(attention.DECODE_KERNEL, interpret=True):
     yield
 
@@ -219,15 +221,18 @@ class KernelDecodeTest(absltest.TestCase):
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=0)
 
-  def test_opt_in_streamed_matmuls_match_the_reference(self):
-    """The same with the dense MLPs, shared experts and attention projections through the split-K
-    kernel (SMALL_DENSE_KERNEL, STREAMED_PROJECTIONS: off by default until measured on a GPU)."""
-    cfg = tiny_models.v3_style()
+  def test_opt_in_kernels_match_the_reference(self):
+    """The same with the opt-in kernels, off by default until measured on a GPU: the dense MLPs, shared
+    experts and attention projections through the split-K kernel (SMALL_DENSE_KERNEL,
+    STREAMED_PROJECTIONS) and the routing kernel (ROUTE_KERNEL; a router without expert groups)."""
+    cfg = dataclasses.replace(tiny_models.v3_style(), n_group=1, topk_group=1)
     model = tiny_models.build(cfg, seed=5)
     ids = tiny_models.prompts(cfg, B, T, seed=7)
     ref_tokens, ref_logits, _ = _greedy_loop(model, ids, N, models.Execution(grouped_matmul="xla"))
     with _interpreted(), mock.patch.object(experts, "SMALL_DENSE_KERNEL", True), \
          mock.patch.object(attention, "STREAMED_PROJECTIONS", True), \
+         mock.patch.object(experts, "ROUTE_KERNEL", True), \
+         mock.patch.object(experts, "sort_by_expert", side_effect=AssertionError("routed in XLA")), \
          mock.patch.object(streamed_matmul, "matmul", side_effect=AssertionError("a projection fell back")):
       tokens, logits, _ = _greedy_loop(model, ids, N, PALLAS)
     np.testing.assert_array_equal(tokens, ref_tokens)
