@@ -22,7 +22,8 @@ Variants (--variants, each `name` or `name+key=value...`):
   auto       Execution() as `generate` resolves it for the device (Pallas experts on GPUs);
   options    gmm=<auto|xla|pallas|tokamax>, attn=<xla|cudnn> (Execution fields), small=module (small
              batches through the training path, not inference/experts.py's kernels), gu=/dn=NxKxWxS
-             (its gate-up / down tiles: block_n, block_k, num_warps, num_stages), dense=kernel (dense
+             (its gate-up / down tiles: block_n, block_k, num_warps, num_stages), lhs=weights (its
+             products with the weight tile as the dot's left operand), dense=kernel (dense
              MLPs and shared experts through inference/streamed_matmul.py's split-K kernel,
              `inference.experts.dense_ffn`), proj=kernel (the attention projections through it too,
              `inference.attention.STREAMED_PROJECTIONS`), route=kernel (a decode step's routing as
@@ -117,6 +118,8 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
       fields["attention_impl"] = value
     elif key == "small" and value == "module":
       settings["small"] = value
+    elif key == "lhs" and value == "weights":
+      settings[key] = value
     elif key in ("dense", "proj", "route") and value == "kernel":
       settings[key] = value
     elif key == "q" and value == "int8":
@@ -133,7 +136,7 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
       n, k, w, s = (int(v) for v in value.split("x"))
       settings[key] = dict(block_n=n, block_k=k, num_warps=w, num_stages=s)
     else:
-      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, dense=, proj=, route=, gu=, dn=, q=, pad=, sort=, xla=)")
+      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, dense=, proj=, route=, lhs=, gu=, dn=, q=, pad=, sort=, xla=)")
   return fields, settings
 
 
@@ -167,6 +170,10 @@ class experts_settings:  # pylint: disable=invalid-name
       if key in self.settings:  # the tiles of whichever weights the variant runs
         for table in (experts.TILES, experts.INT8_TILES):
           self.patches.enter_context(mock.patch.dict(table, {name: self.settings[key]}))
+    if self.settings.get("lhs") == "weights":
+      for table in (experts.TILES, experts.INT8_TILES):
+        self.patches.enter_context(mock.patch.dict(table, {name: dict(tiles, weights_lhs=True)
+                                                           for name, tiles in table.items()}))
     jax.clear_caches()
 
   def __exit__(self, *exc):

@@ -200,13 +200,17 @@ def moe_ffn(moe: MoE, x_BTD, execution: Execution, stacked=None, layer=None):
 
 
 def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k: int, num_warps: int,
-                num_stages: int, block_m: int = 16, scales=None, interpret: bool = False):
+                num_stages: int, block_m: int = 16, scales=None, weights_lhs: bool = False,
+                interpret: bool = False):
   """Rows sorted by group (as models/grouped_matmul.py) times their group's weights in layer
   `layer_1[0]` of a stack → [M, N] in x's dtype, float32 accumulation; rows past the groups are not
   written. weights: (w [L, G, K, N],) → x·w, or (gate, up) → silu(x·gate)·(x·up); any float or int8
   dtype (each tile is cast to x's dtype as it is loaded, so neither float32 master weights nor int8
   ones are copied first). scales: None, or one float32 [L, G, N] per weight (int8 per-column
-  scales, applied to the float32 products)."""
+  scales, applied to the float32 products). weights_lhs: each tile product as (w·xᵀ)ᵀ, the weight the
+  dot's left operand: on Hopper, wgmma can take its left operand from registers, where a weight tile
+  converted from int8 already is; its right operand must come from shared memory (an experiment for
+  int8 tiles, which stream at ~2.5 TB/s against ~4.4 for bf16 ones on an H200)."""
   from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
   from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
 
@@ -236,12 +240,15 @@ def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k:
         for acc, w_ref in zip(accs, w_refs):
           b = plt.load(w_ref.at[layer, g, pl.ds(i * block_k, block_k), pl.ds(j * block_n, block_n)],
                        mask=ks[:, None] & cols[None, :], other=0).astype(a.dtype)
-          out.append(acc + jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+          lhs, rhs = (b.T, a.T) if weights_lhs else (a, b)
+          out.append(acc + jax.lax.dot_general(lhs, rhs, (((1,), (0,)), ((), ())), precision=precision,
                                                preferred_element_type=jnp.float32))
         return tuple(out)
 
-      zeros = jnp.zeros((block_m, block_n), jnp.float32)
+      zeros = jnp.zeros((block_n, block_m) if weights_lhs else (block_m, block_n), jnp.float32)
       accs = jax.lax.fori_loop(0, pl.cdiv(k, block_k), step, tuple(zeros for _ in w_refs))
+      if weights_lhs:
+        accs = tuple(acc.T for acc in accs)
       accs = tuple(acc * plt.load(s_ref.at[layer, g, pl.ds(j * block_n, block_n)], mask=cols, other=0)[None, :]
                    for acc, s_ref in zip(accs, s_refs)) + accs[len(s_refs):]
       if len(accs) == 1:

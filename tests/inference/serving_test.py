@@ -169,13 +169,14 @@ class SmallBatchExpertsTest(parameterized.TestCase):
         covered[rows] += 1
       np.testing.assert_array_equal(covered, 1)
 
-  def test_grouped_ffn_rows_of_each_group_times_its_weights(self):
+  @parameterized.parameters(False, True)
+  def test_grouped_ffn_rows_of_each_group_times_its_weights(self, weights_lhs):
     rng = np.random.default_rng(1)
     sizes = np.array([3, 0, 20, 1], np.int32)
     m, k, n, layers = 26, 24, 40, 2  # 2 rows past the groups
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     gate, up = (jnp.asarray(rng.standard_normal((layers, 4, k, n)), jnp.float32) for _ in range(2))
-    tiles = dict(block_n=16, block_k=16, num_warps=4, num_stages=2, interpret=True)
+    tiles = dict(block_n=16, block_k=16, num_warps=4, num_stages=2, weights_lhs=weights_lhs, interpret=True)
     out = experts.grouped_ffn(x, (gate, up), jnp.asarray([1], jnp.int32), jnp.asarray(sizes), **tiles)
     lin = experts.grouped_ffn(x, (gate,), jnp.asarray([0], jnp.int32), jnp.asarray(sizes), **tiles)
     group = np.repeat(np.arange(4), sizes)
