@@ -349,11 +349,12 @@ def step_classes(trace_path: str, hlo_text: str, steps: int) -> list[tuple[str, 
   return sorted(((k, v / steps, count[k] / steps) for k, v in time_us.items()), key=lambda r: -r[1])
 
 
-def check(cfg: models.ModelConfig, grid_entry=(4, 16, 8)) -> list[dict]:
+def check(cfg: models.ModelConfig, grid_entry=(4, 16, 8), variant_specs=()) -> list[dict]:
   """`auto` against `reference`: greedy generate_full in float32 (both caches; tokens must agree) and in
   the config's dtype (latent cache; agreement reported; on a GPU also auto+attn=cudnn, cuDNN prefill);
   then the same model int8-quantized, both variants on the same int8 weights; the model's init at std
-  0.02."""
+  0.02. variant_specs: --variants entries whose options change the kernels (dense=, proj=, route=,
+  lhs=, tiles, ...) are checked the same way in float32 on the latent cache, unquantized and int8."""
   batch, prompt, new = grid_entry
   results = []
   gpu = jax.devices()[0].platform == "gpu"
@@ -364,16 +365,25 @@ def check(cfg: models.ModelConfig, grid_entry=(4, 16, 8)) -> list[dict]:
     if quantize:
       model = inference.quantize(model, quantize)
     ids = np.random.default_rng(1).integers(0, c.vocab_size, (batch, prompt), dtype=np.int32)
-    variants = {"auto": models.Execution()}
+    variants = {"auto": (models.Execution(), {})}
     if gpu and dtype != "float32":  # cuDNN attention needs bf16/fp16
-      variants["auto+attn=cudnn"] = models.Execution(attention_impl="cudnn")
+      variants["auto+attn=cudnn"] = (models.Execution(attention_impl="cudnn"), {})
+    if dtype == "float32":
+      for spec in variant_specs:
+        fields, settings = parse_variant(spec)
+        settings = {key: value for key, value in settings.items() if key not in ("quantize", "xla")}
+        if settings and "grouped_matmul" not in fields:
+          variants[spec.replace("+q=int8", "")] = (models.Execution(**fields), settings)
     for kind in kinds:
       run = lambda e: inference.generate_full(model, ids, new, cache=kind, output_logits=True, execution=e)  # pylint: disable=cell-var-from-loop
       ref = run(models.Execution(grouped_matmul="xla"))
       ref_logits = np.asarray(ref.logits)
       top2 = np.sort(ref_logits, axis=-1)[..., -2:]
-      for variant, execution in variants.items():
-        out = run(execution)
+      for variant, (execution, settings) in variants.items():
+        if settings and kind != "latent":
+          continue
+        with experts_settings(settings):
+          out = run(execution)
         out_logits = np.asarray(out.logits)
         same = np.asarray(ref.tokens) == np.asarray(out.tokens)
         results.append({"dtype": dtype, "cache": kind, "variant": variant + (f"+q={quantize}" if quantize else ""),
@@ -405,7 +415,7 @@ def main(argv):
   checks = []
   if f.check:
     try:
-      checks = check(cfg)
+      checks = check(cfg, variant_specs=f.variants)
     except Exception as e:  # noqa: BLE001 - report it and time the rows anyway
       checks = [{"error": f"{type(e).__name__}: {str(e)[:2000]}"}]
       print(json.dumps({"check": checks[0]}), flush=True)
