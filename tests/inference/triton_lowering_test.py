@@ -1,9 +1,11 @@
-"""Generation's Pallas kernels lower to Triton for a Hopper GPU, on any machine.
+"""The Pallas kernels (generation's, and the training step's grouped matmuls) lower to Triton for a
+Hopper GPU, on any machine.
 
 Interpreted runs (the other tests) check what a kernel computes, not that Pallas's Triton lowering
 accepts it: an unsupported op, layout or block shape only shows on a GPU. Lowering for the "cuda"
 platform needs no GPU once Pallas is told which one to target (sm_90, stubbed through a private hook;
-the test skips if that hook moves). The shapes are the bench model's (V2-Lite layers) at batch 32."""
+the test skips if that hook moves). The shapes are the bench model's (V2-Lite layers): decode at batch
+32, training at 8 × 2048 tokens."""
 
 import dataclasses
 import unittest
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 from absl.testing import absltest, parameterized
 
 from inference import experts, mla_decode, route_kernel, streamed_matmul
+from models import grouped_matmul
 from tests.inference import tiny_models
 
 try:
@@ -51,6 +54,15 @@ KERNELS = {
                            (S((32, 2048), bf16), S((2048, 3072), bf16))),
     "route_v2_lite": (lambda logits: route_kernel.route(logits, None, V2_LITE_ROUTER), (S((64, 64), f32),)),
     "route_v3": (lambda logits, bias: route_kernel.route(logits, bias, V3_ROUTER), (S((32, 256), f32), S((256,), f32))),
+    # the training step's grouped matmuls (models/grouped_matmul.py): a V2-Lite MoE layer at 8 × 2048 tokens
+    "grouped_product": (lambda x, w, sizes: grouped_matmul.grouped_product(x, w, sizes, **grouped_matmul.TILES["product"]),
+                        (S((98304, 2048), bf16), S((64, 2048, 2816), bf16), S((64,), i32))),
+    "grouped_product_transposed": (
+        lambda dy, w, sizes: grouped_matmul.grouped_product(dy, w, sizes, transpose_w=True, **grouped_matmul.TILES["product"]),
+        (S((98304, 2816), bf16), S((64, 2048, 2816), bf16), S((64,), i32))),
+    "weight_gradient": (lambda x, dy, sizes: grouped_matmul.weight_gradient(x, dy, sizes, bf16,
+                                                                            **grouped_matmul.TILES["weight_gradient"]),
+                        (S((98304, 2048), bf16), S((98304, 2816), bf16), S((64,), i32))),
     "mla_decode": (lambda q, qp, c, kp, lengths, cn, kpn: mla_decode.latent_attention(
         q, qp, c, kp, 1, lengths, cn, kpn, 0.1), (S((32, 1, 16, 512), bf16), S((32, 1, 16, 64), bf16),
                                                   S((3, 32, 320, 512), bf16), S((3, 32, 320, 64), bf16), S((32,), i32),
