@@ -1,14 +1,14 @@
 """inference/streamed_matmul.py's split-K kernel, interpreted (CPU), against float32 matmuls."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from unittest import mock
-
-from inference.quantize import CONTRACTED
 from inference import streamed_matmul
+from inference.quantize import CONTRACTED
 from models import quantized
 from models.layers import matmul
 from tests.inference import tiny_models
