@@ -217,7 +217,7 @@ def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k:
   m, k = x_MK.shape
   n = weights[0].shape[-1]
   group_T, first_T, end_T = grouped_matmul.row_tiles(group_sizes_G.astype(jnp.int32), m, block_m)
-  block_n = min(block_n, max(16, 1 << (n - 1).bit_length()))
+  block_n = min(block_n, grouped_matmul.block_size(n))
   precision = precision_for(x_MK.dtype)  # float32 at full precision (IEEE dots, not TF32)
 
   num_weights = len(weights)

@@ -26,24 +26,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models.grouped_matmul import block_size
 from models.layers import precision_for
 
 # H200 SMs. One program per SM at a time: its pipelined 64 × (512 + 64) bf16 tiles take 144–221 KB of
 # shared memory (of 227). More than one wave of programs was slower on an H200 (bf16, batch 64 × 1024
 # slots, 3 stages: 2 splits 27 µs a layer, 4 splits 35, 8 splits 42, merge included; a scratch run, not
 # in benchmarks/).
-_SMS = 132
-
-
-def _pow2(n: int) -> int:
-  """The block size a dim of n takes: the next power of two, at least 16 (Triton's dot minimum)."""
-  return max(16, 1 << (n - 1).bit_length())
+SMS = 132
 
 
 def default_splits(programs: int, s: int, block_s: int) -> int:
   """Splits of each row's cache when `programs` (B × query blocks) programs take every split: as many
   as one wave of programs holds (one per SM), at most one a tile of S, at least one."""
-  return max(1, min(-(-s // block_s), _SMS // programs))
+  return max(1, min(-(-s // block_s), SMS // programs))
 
 
 def latent_attention(q_lat_BUHR, q_pe_BUHK, c_LBSR, k_pe_LBSK, layer, lengths_B, c_new_BUR, k_pe_new_BUK,
@@ -69,8 +65,8 @@ def latent_attention(q_lat_BUHR, q_pe_BUHK, c_LBSR, k_pe_LBSK, layer, lengths_B,
   precision = precision_for(dt)
   num_stages = num_stages or (3 if jnp.dtype(dt).itemsize <= 2 else 2)
   m = u * h
-  rp, kp = _pow2(r), _pow2(kr)
-  block_m = _pow2(min(block_m or m, m))
+  rp, kp = block_size(r), block_size(kr)
+  block_m = block_size(min(block_m or m, m))
   m_blocks = pl.cdiv(m, block_m)
   num_splits = num_splits or default_splits(b * m_blocks, s, block_s)
   q_lat_BMR = q_lat_BUHR.astype(dt).reshape(b, m, r)  # query row m = u·H + h

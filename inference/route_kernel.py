@@ -20,12 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from models.grouped_matmul import block_size
 
 MAX_TOKENS = 128  # one program holds [N, E] scores in registers
-
-
-def _pow2(n: int) -> int:
-  return max(16, 1 << (n - 1).bit_length())
 
 
 def supported(cfg: ModelConfig, num_tokens: int) -> bool:
@@ -44,7 +41,7 @@ def route(logits_NE, bias_E, cfg: ModelConfig, *, num_warps: int = 4, interpret:
   if not supported(cfg, n) or e != cfg.n_routed_experts:
     raise ValueError(f"route takes ≤ {MAX_TOKENS} tokens of a router without expert groups, got {n} tokens, "
                      f"{e} experts, n_group {cfg.n_group}")
-  np_, ep, kp = _pow2(n), _pow2(e), _pow2(k)
+  np_, ep, kp = block_size(n), block_size(e), block_size(k)
   bias_E = jnp.zeros((e,), jnp.float32) if bias_E is None else bias_E.astype(jnp.float32)
   sigmoid, normalise, scale = cfg.score_func == "sigmoid", cfg.norm_topk_prob, cfg.routed_scaling_factor
 

@@ -18,20 +18,17 @@ import math
 import jax
 import jax.numpy as jnp
 
+from inference.mla_decode import SMS
 from models import quantized
+from models.grouped_matmul import block_size
 from models.layers import matmul, precision_for
 
-_SMS = 132  # H100 / H200 SXM streaming multiprocessors
 _WAVES = 2  # programs per SM to aim for: one wave leaves SMs idle at the tail
-
-
-def _pow2(n: int) -> int:
-  return max(16, 1 << (n - 1).bit_length())
 
 
 def default_splits(n_tiles: int, k_tiles: int) -> int:
   """K splits that give about _WAVES programs per SM, at least one K tile each."""
-  return max(1, min(k_tiles, -(-_WAVES * _SMS // n_tiles)))
+  return max(1, min(k_tiles, -(-_WAVES * SMS // n_tiles)))
 
 
 def split_k_products(x_MK, weights, scales=None, *, block_n: int = 128, block_k: int = 128,
@@ -53,8 +50,8 @@ def split_k_products(x_MK, weights, scales=None, *, block_n: int = 128, block_k:
   if any(w.shape != (k, n) for w in weights) or any(s.shape != (n,) for s in scales or ()):
     raise ValueError(f"weights must all be [{k}, {n}] and scales [{n}]: "
                      f"{[w.shape for w in weights]}, {[s.shape for s in scales or ()]}")
-  block_m = _pow2(m)
-  block_n = min(block_n, _pow2(n))
+  block_m = block_size(m)
+  block_n = min(block_n, block_size(n))
   n_tiles, k_tiles = pl.cdiv(n, block_n), pl.cdiv(k, block_k)
   splits = min(splits or default_splits(n_tiles, k_tiles), k_tiles)
   tiles_per_split = pl.cdiv(k_tiles, splits)

@@ -136,7 +136,7 @@ def grouped_product(x_MK, w_GKN, group_sizes_G, *, transpose_w: bool = False, in
   m, k = x_MK.shape
   n = w_GKN.shape[1] if transpose_w else w_GKN.shape[2]
   group_T, first_T, end_T = row_tiles(group_sizes_G.astype(jnp.int32), m, block_m)
-  block_n = min(block_n, _pow2_at_least(n))
+  block_n = min(block_n, block_size(n))
   precision = precision_for(x_MK.dtype)  # float32 (tests, interpreted) at full precision
 
   def kernel(group_ref, first_ref, end_ref, x_ref, w_ref, out_ref):
@@ -184,7 +184,7 @@ def weight_gradient(x_MK, dy_MN, group_sizes_G, dtype, *, interpret: bool = Fals
   m, k = x_MK.shape
   n = dy_MN.shape[1]
   g = group_sizes_G.shape[0]
-  block_m, block_n = min(block_m, _pow2_at_least(k)), min(block_n, _pow2_at_least(n))
+  block_m, block_n = min(block_m, block_size(k)), min(block_n, block_size(n))
   bounds = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes_G.astype(jnp.int32))])
   precision = precision_for(x_MK.dtype)
 
@@ -217,5 +217,6 @@ def weight_gradient(x_MK, dy_MN, group_sizes_G, dtype, *, interpret: bool = Fals
   )(bounds, x_MK, dy_MN)
 
 
-def _pow2_at_least(n: int) -> int:
+def block_size(n: int) -> int:
+  """The Triton block a dim of n takes: the next power of two, at least 16 (a dot's minimum)."""
   return 1 << max(4, (n - 1).bit_length())
