@@ -16,23 +16,8 @@ excluded; plus the valid cache, T + (N-1)/2 positions on average) over the devic
 (BANDWIDTH by device kind, or --bandwidth). Weights are random (the config's init, non-zero), in
 --dtype; prompts are random tokens.
 
-Variants (--variants, each `name` or `name+key=value...`):
-  reference  Execution(grouped_matmul="xla"): what `generate` ran before it resolved its execution
-             (lax.ragged_dot experts everywhere);
-  auto       Execution() as `generate` resolves it for the device (Pallas experts on GPUs);
-  options    gmm=<auto|xla|pallas|tokamax>, attn=<xla|cudnn> (Execution fields), small=module (small
-             batches through the training path, not inference/experts.py's kernels), gu=/dn=NxKxWxS
-             (its gate-up / down tiles: block_n, block_k, num_warps, num_stages), lhs=weights (its
-             products with the weight tile as the dot's left operand), dense=kernel (dense
-             MLPs and shared experts through inference/streamed_matmul.py's split-K kernel,
-             `inference.experts.dense_ffn`), proj=kernel (the attention projections through it too,
-             `inference.attention.STREAMED_PROJECTIONS`), route=kernel (a decode step's routing as
-             inference/route_kernel.py's kernel, `inference.experts.ROUTE_KERNEL`), q=int8 (the model
-             through `inference.quantize(model, "int8")`: int8 weights, compute in --dtype), pad=N (the
-             decode loop's MLP widths a multiple of N, 0: as stored; `experts.DECODE_MLP_MULTIPLE`),
-             sort=<argsort|counting> (the dropless layout of small steps; `COUNTING_SORT_MAX`),
-             xla=<flag>:<value> (an XLA option for the prefill and decode compiles only, e.g.
-             xla=xla_gpu_enable_triton_gemm:false; repeatable).
+Variants (--variants, each `name` or `name+key=value...`: reference, auto, and options that change
+the execution or the kernels) are described in benchmarks/decode_variants.py.
 A row that fails (out of memory, say) is reported and the next runs. --check first compares greedy
 tokens and logits of `auto` against `reference` (float32: tokens must be equal; bf16: agreement).
 --profile_dir traces one decode loop per row and prints its device time per step by kind of kernel
@@ -43,7 +28,6 @@ device and versions (benchmarks/RESULTS.md cites it). On the GPU machine: benchm
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import importlib.metadata
@@ -52,7 +36,6 @@ import os
 import statistics
 import sys
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +46,7 @@ from ml_collections import config_flags
 
 import inference
 import models
+from benchmarks.decode_variants import experts_settings, parse_grid, parse_variant  # noqa: F401 (parse_grid: tests)
 from training import metrics as metrics_lib
 
 # HBM bandwidth in bytes/s by device kind (first substring match), from the vendors' datasheets.
@@ -93,94 +77,6 @@ def define_flags() -> None:
   flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
   flags.DEFINE_string("profile_dir", "", "If set, trace one decode loop per row (perfetto JSON).")
   flags.DEFINE_string("hlo_dir", "", "If set, write each row's optimized decode-loop HLO there.")
-
-
-def parse_grid(entry: str) -> tuple[int, int, int]:
-  """'32x256x64' → (32, 256, 64)."""
-  parts = entry.lower().split("x")
-  if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-    raise ValueError(f"grid entry {entry!r} is not BxTxN with positive integers, e.g. 32x256x64")
-  return tuple(int(p) for p in parts)
-
-
-def parse_variant(spec: str) -> tuple[dict, dict]:
-  """'auto+attn=cudnn+small=module' → (Execution fields, inference/experts.py settings)."""
-  name, *options = spec.split("+")
-  if name not in ("reference", "auto"):
-    raise ValueError(f"unknown variant {spec!r}: expected reference or auto, then +key=value options")
-  fields = {"grouped_matmul": "xla"} if name == "reference" else {}
-  settings = {}
-  for option in options:
-    key, _, value = option.partition("=")
-    if key == "gmm" and value:
-      fields["grouped_matmul"] = value
-    elif key == "attn" and value:
-      fields["attention_impl"] = value
-    elif key == "small" and value == "module":
-      settings["small"] = value
-    elif key == "lhs" and value == "weights":
-      settings[key] = value
-    elif key in ("dense", "proj", "route") and value == "kernel":
-      settings[key] = value
-    elif key == "q" and value == "int8":
-      settings["quantize"] = value
-    elif key == "pad" and value.isdigit():
-      settings["pad"] = int(value)
-    elif key == "sort" and value in ("argsort", "counting"):
-      settings["sort"] = value
-    elif key == "xla" and ":" in value:
-      flag, _, setting = value.partition(":")
-      setting = int(setting) if setting.isdigit() else {"true": True, "false": False}.get(setting, setting)
-      settings.setdefault("xla", {})[flag] = setting
-    elif key in ("gu", "dn") and len(value.split("x")) == 4:
-      n, k, w, s = (int(v) for v in value.split("x"))
-      settings[key] = dict(block_n=n, block_k=k, num_warps=w, num_stages=s)
-    else:
-      raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: gmm=, attn=, small=, dense=, proj=, route=, lhs=, gu=, dn=, q=, pad=, sort=, xla=)")
-  return fields, settings
-
-
-class experts_settings:  # pylint: disable=invalid-name
-  """Applies a variant's module settings (inference/experts.py, models/experts.py) for one row and
-  restores them (and clears the jit caches) after."""
-
-  def __init__(self, settings: dict):
-    self.settings = settings
-    self.patches = contextlib.ExitStack()
-
-  def __enter__(self):
-    if not set(self.settings) - {"quantize", "xla"}:
-      return
-    from inference import attention, experts  # pylint: disable=import-outside-toplevel
-    from models import experts as model_experts  # pylint: disable=import-outside-toplevel
-    patch = lambda module, name, value: self.patches.enter_context(mock.patch.object(module, name, value))
-    if self.settings.get("small") == "module":
-      patch(experts, "SMALL_ROWS_PER_EXPERT", -1)
-    if self.settings.get("dense") == "kernel":
-      patch(experts, "SMALL_DENSE_KERNEL", True)
-    if self.settings.get("proj") == "kernel":
-      patch(attention, "STREAMED_PROJECTIONS", True)
-    if self.settings.get("route") == "kernel":
-      patch(experts, "ROUTE_KERNEL", True)
-    if "pad" in self.settings:
-      patch(experts, "DECODE_MLP_MULTIPLE", self.settings["pad"])
-    if "sort" in self.settings:  # argsort: never sort by counting
-      patch(model_experts, "COUNTING_SORT_MAX", model_experts.COUNTING_SORT_MAX if self.settings["sort"] == "counting" else 0)
-    for key, name in (("gu", "gate_up"), ("dn", "down")):
-      if key in self.settings:  # the tiles of whichever weights the variant runs
-        for table in (experts.TILES, experts.INT8_TILES):
-          self.patches.enter_context(mock.patch.dict(table, {name: self.settings[key]}))
-    if self.settings.get("lhs") == "weights":
-      for table in (experts.TILES, experts.INT8_TILES):
-        self.patches.enter_context(mock.patch.dict(table, {name: dict(tiles, weights_lhs=True)
-                                                           for name, tiles in table.items()}))
-    jax.clear_caches()
-
-  def __exit__(self, *exc):
-    if not set(self.settings) - {"quantize", "xla"}:
-      return
-    self.patches.close()
-    jax.clear_caches()
 
 
 def expected_experts_read(cfg: models.ModelConfig, tokens: int) -> float:

@@ -70,6 +70,23 @@ class ArgumentsTest(absltest.TestCase):
       with self.assertRaises(ValueError):
         bench.parse_variant(bad)
 
+  def test_settings_apply_for_the_row_and_are_restored(self):
+    from inference import attention, experts  # pylint: disable=import-outside-toplevel
+    from models import experts as model_experts  # pylint: disable=import-outside-toplevel
+    read = lambda: (model_experts.COUNTING_SORT_MAX, experts.DECODE_MLP_MULTIPLE, attention.STREAMED_PROJECTIONS,
+                    experts.ROUTE_KERNEL, experts.SMALL_DENSE_KERNEL, dict(experts.TILES["gate_up"]),
+                    dict(experts.INT8_TILES["down"]))
+    before = read()
+    _, settings = bench.parse_variant("auto+sort=argsort+pad=0+proj=kernel+route=kernel+dense=kernel+lhs=weights"
+                                      "+gu=32x64x4x2+q=int8+xla=xla_cpu_foo:1")
+    self.assertEqual(settings["xla"], {"xla_cpu_foo": 1})
+    with bench.experts_settings(settings):
+      sort_max, multiple, proj, route, dense, gate_up, int8_down = read()
+      self.assertEqual((sort_max, multiple, proj, route, dense), (0, 0, True, True, True))
+      self.assertEqual(gate_up, dict(block_n=32, block_k=64, num_warps=4, num_stages=2, weights_lhs=True))
+      self.assertTrue(int8_down["weights_lhs"])
+    self.assertEqual(read(), before)
+
 
 class TimedRowTest(absltest.TestCase):
 
