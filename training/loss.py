@@ -27,24 +27,59 @@ def batch_target_mask(batch: dict, offset: int, masked: bool):
   return target_mask(batch["segment_ids"], offset, batch["loss_mask"] if masked else None)
 
 
+def shifted_targets(tokens_BT, offset: int, length: int):
+  """[B, length]: token t+offset at position t, zeros where t+offset runs past the row. Targets for
+  logits of `length` positions, so the loss never slices the [B, T, V] logits: a slice there costs a
+  copy forward and a zero-padded [B, T, V] cotangent backward, the largest tensors of a step."""
+  targets = tokens_BT[:, offset:]
+  return jnp.pad(targets, ((0, 0), (0, length - targets.shape[1])))
+
+
+def shifted_mask(mask_BT, length: int):
+  """A [B, T-offset] target mask padded with False to [B, length]."""
+  return jnp.pad(mask_BT, ((0, 0), (0, length - mask_BT.shape[1])))
+
+
+@jax.custom_vjp
 def token_nll(logits_BTV, targets_BT):
-  """Per-token negative log-likelihood in float32."""
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return logz_BT - target_logit_BT
+  """Per-token negative log-likelihood in float32: logsumexp(logits) − logits[target].
+
+  Its gradient, g·(softmax − onehot(target)), is written as one elementwise expression in the logits'
+  dtype. Autodiff of the gather would instead scatter −g into a float32 [B, T, V] buffer and convert
+  it afterwards: two more passes over the step's largest tensor, per LM head."""
+  nll_BT, _ = _token_nll_fwd(logits_BTV, targets_BT)
+  return nll_BT
+
+
+def _token_nll_fwd(logits_BTV, targets_BT):
+  logits32_BTV = logits_BTV.astype(jnp.float32)
+  logz_BT = jax.nn.logsumexp(logits32_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits32_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return logz_BT - target_logit_BT, (logits_BTV, targets_BT, logz_BT)
+
+
+def _token_nll_bwd(residuals, g_BT):
+  logits_BTV, targets_BT, logz_BT = residuals
+  probs_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - logz_BT[..., None])
+  onehot_BTV = targets_BT[..., None] == jax.lax.broadcasted_iota(targets_BT.dtype, logits_BTV.shape, 2)
+  d_BTV = g_BT[..., None] * (probs_BTV - onehot_BTV.astype(jnp.float32))
+  return d_BTV.astype(logits_BTV.dtype), None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
 def loss_terms(out: models.ModelOutput, batch: dict, masked: bool = False) -> dict:
   """Sums (not means) of each loss term and the token counts, so microbatches can be accumulated."""
-  tokens = batch["tokens"]
-  mask = batch_target_mask(batch, 1, masked)
-  nll = token_nll(out.logits[:, :-1], tokens[:, 1:])
+  tokens, length = batch["tokens"], out.logits.shape[1]
+  mask = shifted_mask(batch_target_mask(batch, 1, masked), length)
+  nll = token_nll(out.logits, shifted_targets(tokens, 1, length))
   terms = {"ce_sum": jnp.sum(jnp.where(mask, nll, 0.0)), "ce_count": jnp.sum(mask).astype(jnp.float32)}
   balance = jnp.sum(out.aux["balance_loss"]) if "balance_loss" in out.aux else jnp.zeros(())
   if out.mtp_logits is not None:
-    mtp_mask = batch_target_mask(batch, 2, masked)
-    mtp_nll = token_nll(out.mtp_logits[:, :-1], tokens[:, 2:])
+    mtp_length = out.mtp_logits.shape[1]
+    mtp_mask = shifted_mask(batch_target_mask(batch, 2, masked), mtp_length)
+    mtp_nll = token_nll(out.mtp_logits, shifted_targets(tokens, 2, mtp_length))
     terms["mtp_sum"] = jnp.sum(jnp.where(mtp_mask, mtp_nll, 0.0))
     terms["mtp_count"] = jnp.sum(mtp_mask).astype(jnp.float32)
     balance = balance + jnp.sum(out.mtp_aux["balance_loss"])

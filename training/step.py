@@ -94,8 +94,8 @@ def make_train_step(modeldef: ModelDef, tx: optax.GradientTransformation, schedu
       terms = loss_lib.loss_terms(out, mb, masked)
       if teacher is not None:
         t_out = forward(teacher, *teacher_weights, mb, with_mtp=False, execution=execution)
-        kl_sum = distill_kl_sum(out.logits[:, :-1], jax.lax.stop_gradient(t_out.logits[:, :-1]),
-                                loss_lib.batch_target_mask(mb, 1, masked), tau)
+        kl_mask = loss_lib.shifted_mask(loss_lib.batch_target_mask(mb, 1, masked), out.logits.shape[1])
+        kl_sum = distill_kl_sum(out.logits, jax.lax.stop_gradient(t_out.logits), kl_mask, tau)
         terms["kl_sum"], terms["ce_only_sum"] = kl_sum, terms["ce_sum"]
         terms["ce_sum"] = kd_alpha * tau ** 2 * kl_sum + (1.0 - kd_alpha) * terms["ce_sum"]
       loss = loss_lib.combine(terms, counts, accum, alpha=alpha, mtp_lambda=mtp_lambda)
