@@ -5,8 +5,9 @@
   python -m benchmarks.train_step --meshes=expert=1,expert=2,expert=4,expert=8 --variants=dropless  # weak scaling
 
 Each variant is a MoE backend (`dropless`, or `capacity:<factor>`) with optional `+remat=<policy>`,
-`+attn=<xla|cudnn>` and `+gmm=<auto|xla|tokamax>` (the fields of models.Execution; grouped_matmul
-"auto" is resolved for the device, as `sharding.make_execution` does), e.g. `capacity:1.0+attn=cudnn`
+`+attn=<xla|cudnn>`, `+gmm=<auto|xla|tokamax>` (the fields of models.Execution; grouped_matmul
+"auto" is resolved for the device, as `sharding.make_execution` does) and `+moments=bfloat16` (Adam's
+moments stored in bf16, `optim.moment_dtype`), e.g. `capacity:1.0+attn=cudnn`
 or `dropless+attn=cudnn`. For each:
 compile, warm up, then time `--steps` steps one by one (blocking on the loss after each) and report the
 median step time, tokens/s, model TFLOP/s per device (6·activated params + 3·causal attention per
@@ -86,12 +87,12 @@ def parse_variant(spec: str) -> dict:
     fields.update(moe_backend="capacity", capacity_factor=float(backend.split(":", 1)[1]))
   else:
     raise ValueError(f"unknown variant {spec!r}: expected dropless or capacity:<factor>, then +key=value options")
-  names = {"remat": "remat_policy", "attn": "attention_impl", "gmm": "grouped_matmul"}
+  names = {"remat": "remat_policy", "attn": "attention_impl", "gmm": "grouped_matmul", "moments": "moment_dtype"}
   for option in options:
     key, _, value = option.partition("=")
     if key not in names or not value:
       raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: remat=<policy>, attn=<impl>, "
-                       "gmm=<impl>)")
+                       "gmm=<impl>, moments=<float32|bfloat16>)")
     fields[names[key]] = value
   return fields
 
@@ -144,7 +145,9 @@ def random_batch(vocab_size: int, batch: int, seq: int, docs_per_row: int = 1, s
 def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, profile_dir: str = "",
                  mesh: jax.sharding.Mesh | None = None) -> dict:
   config = config.copy_and_resolve_references()
-  config.execution.update(fields)
+  if "moment_dtype" in fields:  # an optimizer setting; the rest are execution fields
+    config.optim.moment_dtype = fields["moment_dtype"]
+  config.execution.update({k: v for k, v in fields.items() if k != "moment_dtype"})
   model_cfg = models.from_dict(config.model.to_dict())
   platform = jax.devices()[0].platform
   tx = optim_lib.make_optimizer(config.optim, config.total_steps)

@@ -110,6 +110,7 @@ def run_config(model: dict, **run_fields) -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.1,  # not applied to norms, biases or the router bias
       clip_norm=1.0,
+      moment_dtype="float32",  # Adam moments' storage: "float32" or "bfloat16" (V3 stores them in BF16)
   ))
   c.loss = ml_collections.ConfigDict(dict(
       balance_alpha=1e-4,  # sequence-wise balance loss weight α

@@ -53,6 +53,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.eps": (lambda v: _real(v) and v > 0, "a number > 0"),
     "optim.weight_decay": (lambda v: _real(v) and v >= 0, "a number >= 0"),
     "optim.clip_norm": (lambda v: _real(v) and v > 0, "a number > 0"),
+    "optim.moment_dtype": (lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
     "loss.balance_alpha": (lambda v: _real(v) and v >= 0, "a number >= 0"),
     "loss.mtp_lambda": (lambda v: _real(v) and v >= 0, "a number >= 0"),
     "loss.bias_update_speed": (lambda v: _real(v) and v >= 0, "a number >= 0"),

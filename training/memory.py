@@ -56,7 +56,8 @@ def plan_memory(config, model_cfg: models.ModelConfig, mesh_sizes: dict[str, int
   tokens = config.batch_size // config.grad_accum_steps * config.seq_len / sharding.batch_shards(mesh_sizes, rules)
   remat = models.execution_from_dict(config.get("execution") or {}).remat_policy
   act = _activation_bytes(model_cfg, tokens, config.seq_len, mesh_sizes["tensor"], remat)
-  return MemoryPlan(params=param_bytes, grads=param_bytes, optimizer=2 * param_bytes, activations=act)
+  moment_bytes = jax.numpy.dtype(config.optim.get("moment_dtype", "float32")).itemsize / 4  # per float32 param byte
+  return MemoryPlan(params=param_bytes, grads=param_bytes, optimizer=2 * moment_bytes * param_bytes, activations=act)
 
 
 def _activation_bytes(cfg: models.ModelConfig, tokens: float, seq_len: int, tensor: int, remat_policy: str) -> float:

@@ -14,6 +14,8 @@ class TrainStepBenchmarkTest(absltest.TestCase):
     self.assertEqual(parse_variant("capacity:1.25+remat=full+attn=cudnn"),
                      {"moe_backend": "capacity", "capacity_factor": 1.25, "remat_policy": "full",
                       "attention_impl": "cudnn"})
+    self.assertEqual(parse_variant("dropless+moments=bfloat16"),
+                     {"moe_backend": "dropless", "moment_dtype": "bfloat16"})
     for bad in ("einsum", "capacity:1.0+remat", "dropless+heads=4"):
       with self.assertRaises(ValueError):
         parse_variant(bad)

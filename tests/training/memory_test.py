@@ -78,6 +78,8 @@ class PlanMemoryTest(parameterized.TestCase):
     self.assertEqual(plan.grads, plan.params)
     self.assertEqual(plan.optimizer, 2 * plan.params)  # Adam's two moments, sharded like the weights
     self.assertEqual(plan.total, 4 * plan.params + plan.activations)
+    config.optim.moment_dtype = "bfloat16"  # half the bytes per moment
+    self.assertEqual(memory.plan_memory(config, cfg, mesh).optimizer, plan.params)
 
   def test_sharded_params_pinned(self):
     # 1_392_864 float32 parameters, all whole on DATA_ONLY. On SHARDED, 786_432 split 8 ways (routed

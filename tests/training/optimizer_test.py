@@ -166,5 +166,49 @@ class LoraPlusTest(absltest.TestCase):
     self.assertLess(float(b[0, 0]), 0.0)  # a real (descending) update, not zero
 
 
+class MomentDtypeTest(absltest.TestCase):
+
+  def _grads(self, steps: int):
+    rng = np.random.default_rng(0)
+    return [{"w": jnp.asarray(rng.normal(0.0, 1e-2, (8, 5)), jnp.float32),
+             "scale": jnp.asarray(rng.normal(0.0, 1e-3, (5,)), jnp.float32)} for _ in range(steps)]
+
+  def _run(self, tx, steps: int = 6):
+    params = {"w": jnp.full((8, 5), 0.5), "scale": jnp.ones((5,))}
+    state = tx.init(params)
+    updates = []
+    for grads in self._grads(steps):
+      u, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, u)
+      updates.append(u)
+    return params, state, updates
+
+  def test_float32_storage_is_optax_adam(self):
+    ours = optim_lib.scale_by_adam(0.9, 0.95, 1e-8, "float32")
+    _, state, updates = self._run(ours)
+    _, ref_state, ref_updates = self._run(optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8))
+    for u, r in zip(updates, ref_updates):
+      chex.assert_trees_all_close(u, r, rtol=1e-6, atol=1e-9)
+    chex.assert_trees_all_close(state.nu, ref_state.nu, rtol=1e-6)
+    self.assertEqual(int(state.count), 6)
+
+  def test_bfloat16_moments_track_the_float32_run(self):
+    optim = _optim(peak_lr=0.01, warmup_fraction=0.0, moment_dtype="bfloat16")
+    params, state, _ = self._run(optim_lib.make_optimizer(optim, total_steps=10), steps=10)
+    adam_state = state[1][0]
+    self.assertEqual({x.dtype for x in jax.tree.leaves((adam_state.mu, adam_state.nu))}, {jnp.dtype(jnp.bfloat16)})
+    ref_params, _, _ = self._run(optim_lib.make_optimizer(_optim(peak_lr=0.01, warmup_fraction=0.0), 10), steps=10)
+    start = {"w": jnp.full((8, 5), 0.5), "scale": jnp.ones((5,))}
+    moved = jax.tree.map(lambda p, s: float(jnp.max(jnp.abs(p - s))), ref_params, start)
+    err = jax.tree.map(lambda p, r: float(jnp.max(jnp.abs(p - r))), params, ref_params)
+    for name in moved:
+      self.assertGreater(moved[name], 0.01)  # ten real steps of lr 0.01
+      self.assertLess(err[name], 0.01 * moved[name])  # bf16 storage: within 1 % of the displacement
+
+  def test_unknown_moment_dtype_is_rejected(self):
+    with self.assertRaisesRegex(ValueError, "moment_dtype"):
+      optim_lib.make_optimizer(_optim(moment_dtype="float16"), total_steps=10)
+
+
 if __name__ == "__main__":
   absltest.main()
