@@ -25,6 +25,7 @@ MOE_BACKENDS = ("dropless", "capacity")
 ATTENTION_IMPLS = ("xla", "cudnn")
 GROUPED_MATMULS = ("auto", "xla", "pallas", "tokamax")
 REMAT_POLICIES = ("none", "full", "dots")
+LOGITS_DTYPES = ("float32", "compute")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,6 +70,10 @@ class Execution:
   # flash attention, GPU and bf16/fp16 only).
   attention_impl: Literal["xla", "cudnn"] = "xla"
   remat_policy: Literal["none", "full", "dots"] = "none"  # what the backward pass recomputes per layer
+  # The LM heads' output: "float32" or "compute" (the model's compute dtype, e.g. bf16; still accumulated
+  # in float32 and upcast inside the loss). bf16 halves the traffic over the [B, T, V] logits and their
+  # gradient, the largest tensors of a training step, at one bf16 rounding of each logit.
+  logits_dtype: Literal["float32", "compute"] = "float32"
   # Expert parallelism: rows of each device's send buffer per destination shard, as a multiple of the
   # balanced share (ceil(f · assignments / shards)); a step where some device would send more runs
   # with room for every assignment instead (still dropless). 0: always room for every assignment.
@@ -90,6 +95,8 @@ class Execution:
       raise ValueError(f"unknown grouped_matmul {self.grouped_matmul!r}; expected one of {GROUPED_MATMULS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+    if self.logits_dtype not in LOGITS_DTYPES:
+      raise ValueError(f"unknown logits_dtype {self.logits_dtype!r}; expected one of {LOGITS_DTYPES}")
 
   def replace(self, **changes) -> "Execution":
     return dataclasses.replace(self, **changes)

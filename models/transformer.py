@@ -19,7 +19,7 @@ from models.rope import rope_tables
 
 
 class ModelOutput(NamedTuple):
-  logits: jax.Array  # float32 [B, T, V]
+  logits: jax.Array  # float32 [B, T, V] (the compute dtype with Execution(logits_dtype="compute"))
   hidden: jax.Array  # final-normed hidden state [B, T, D]
   aux: dict[str, Any]  # per-MoE-layer metrics stacked on a leading [L] axis
   mtp_logits: jax.Array | None = None  # float32 [B, T-1, V]: row i predicts token i+2
@@ -58,8 +58,8 @@ class Transformer(nnx.Module):
   def embed_tokens(self, ids_BT):
     return jnp.take(self.embed[...], ids_BT, axis=0).astype(self.cfg.dtype)
 
-  def head(self, h_BTD):
-    return matmul(h_BTD, self.lm_head[...], self.cfg, "btd,dv->btv", out_dtype=jnp.float32)
+  def head(self, h_BTD, out_dtype=jnp.float32):
+    return matmul(h_BTD, self.lm_head[...], self.cfg, "btd,dv->btv", out_dtype=out_dtype)
 
   def forward(self, input_ids, positions=None, segment_ids=None, *, with_mtp: bool = False,
               execution: Execution | None = None) -> ModelOutput:
@@ -86,7 +86,8 @@ class Transformer(nnx.Module):
     if self.moe_layers is not None:
       h_BTD, aux, _ = run_stack(self.moe_layers, h_BTD, attention, execution, valid_BT)
     h_BTD = self.final_norm(h_BTD)
-    logits_BTV = self.head(h_BTD)
+    logits_dtype = jnp.float32 if execution.logits_dtype == "float32" else cfg.dtype
+    logits_BTV = self.head(h_BTD, logits_dtype)
 
     if not with_mtp:
       return ModelOutput(logits_BTV, h_BTD, aux)
@@ -101,4 +102,4 @@ class Transformer(nnx.Module):
     mtp_attention = self_attention(cos2, sin2, mask2, execution.attention_impl)
     mtp_h, mtp_aux = self.mtp(h_BTD[:, :-1], self.embed_tokens(ids_BT[:, 1:]), mtp_attention, execution,
                               shift(valid_BT))
-    return ModelOutput(logits_BTV, h_BTD, aux, self.head(mtp_h), mtp_aux)
+    return ModelOutput(logits_BTV, h_BTD, aux, self.head(mtp_h, logits_dtype), mtp_aux)

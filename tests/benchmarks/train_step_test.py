@@ -16,6 +16,7 @@ class TrainStepBenchmarkTest(absltest.TestCase):
                       "attention_impl": "cudnn"})
     self.assertEqual(parse_variant("dropless+moments=bfloat16"),
                      {"moe_backend": "dropless", "moment_dtype": "bfloat16"})
+    self.assertEqual(parse_variant("dropless+logits=compute"), {"moe_backend": "dropless", "logits_dtype": "compute"})
     for bad in ("einsum", "capacity:1.0+remat", "dropless+heads=4"):
       with self.assertRaises(ValueError):
         parse_variant(bad)

@@ -210,6 +210,22 @@ class TransformerTest(chex.TestCase):
     self.assertLess(np.abs(y16 - y32).max(), 0.05 * float(np.std(y32)))
     self.assertGreater(np.abs(y16 - y32).max(), 0)
 
+  def test_compute_dtype_logits_are_the_float32_ones_rounded(self):
+    """Execution(logits_dtype="compute"): the heads return bf16 logits, the float32 ones rounded once,
+    MTP head included; the rest of the forward is unchanged."""
+    cfg = tc.v3_style(init_std=0.1).replace(dtype=jnp.bfloat16)
+    model, ids = tc.build(cfg, seed=0), tc.random_ids(cfg, (B, T), seed=8)
+    ref = tc.forward(model, ids, with_mtp=True)
+    out = tc.forward(model, ids, with_mtp=True, execution=models.Execution(logits_dtype="compute"))
+    for got, want in ((out.logits, ref.logits), (out.mtp_logits, ref.mtp_logits)):
+      self.assertEqual(got.dtype, jnp.bfloat16)
+      self.assertEqual(want.dtype, jnp.float32)
+      # One bf16 rounding (≤ 2^-9 relative; a GPU's GEMM may accumulate in another order).
+      np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2**-8, atol=1e-6)
+    np.testing.assert_array_equal(out.hidden, ref.hidden)
+    with self.assertRaisesRegex(ValueError, "logits_dtype"):
+      models.Execution(logits_dtype="bfloat16")
+
   def test_rejects_unbatched_ids(self):
     with self.assertRaisesRegex(ValueError, "batch, length"):
       _model("v2_lite")(jnp.zeros((5,), jnp.int32))
