@@ -70,7 +70,8 @@ _REMAT_POLICIES = {
 
 def run_stack(stack: DecoderBlock, h_BTD, attention: AttentionStep, execution: Execution, valid_BT=None,
               stack_cache=None):
-  """Applies the stacked blocks in order with `lax.scan`, so compile time does not grow with depth.
+  """Applies the stacked blocks in order with `lax.scan`, so compile time does not grow with depth
+  (`execution.unroll_layers`: the scan fully unrolled, the same function without a while loop).
 
   stack_cache: the stack's cache with a leading [L] axis on every entry (read per layer), or None.
   Returns (final hidden state, aux metrics stacked [L, ...], cache entries stacked [L, ...] or None).
@@ -84,5 +85,5 @@ def run_stack(stack: DecoderBlock, h_BTD, attention: AttentionStep, execution: E
 
   if execution.remat_policy != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[execution.remat_policy], prevent_cse=False)
-  h_BTD, (aux, entries) = jax.lax.scan(body, h_BTD, (state, stack_cache))
+  h_BTD, (aux, entries) = jax.lax.scan(body, h_BTD, (state, stack_cache), unroll=execution.unroll_layers)
   return h_BTD, aux, entries

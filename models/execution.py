@@ -74,6 +74,10 @@ class Execution:
   # in float32 and upcast inside the loss). bf16 halves the traffic over the [B, T, V] logits and their
   # gradient, the largest tensors of a training step, at one bf16 rounding of each logit.
   logits_dtype: Literal["float32", "compute"] = "float32"
+  # Decoder stacks as one `lax.scan` (False: compile time independent of depth) or fully unrolled (True:
+  # no while loop, so no zero-filled [L, ...] buffers for the stacked residuals and weight gradients and
+  # no loop-carry copies; compile time grows with depth). The same function either way.
+  unroll_layers: bool = False
   # Expert parallelism: rows of each device's send buffer per destination shard, as a multiple of the
   # balanced share (ceil(f · assignments / shards)); a step where some device would send more runs
   # with room for every assignment instead (still dropless). 0: always room for every assignment.
@@ -95,6 +99,8 @@ class Execution:
       raise ValueError(f"unknown grouped_matmul {self.grouped_matmul!r}; expected one of {GROUPED_MATMULS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+    if not isinstance(self.unroll_layers, bool):
+      raise ValueError(f"unroll_layers must be True or False, got {self.unroll_layers!r}")
     if self.logits_dtype not in LOGITS_DTYPES:
       raise ValueError(f"unknown logits_dtype {self.logits_dtype!r}; expected one of {LOGITS_DTYPES}")
 

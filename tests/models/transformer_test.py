@@ -119,6 +119,26 @@ class TransformerTest(chex.TestCase):
       self.assertGreater(np.abs(flat[name]).max(), 0, name)
     chex.assert_trees_all_equal_shapes(grads, nnx.state(_model(style), nnx.Param))
 
+  def test_unrolled_layers_match_the_scan(self):
+    """Execution(unroll_layers=True) is the same function as the scanned stack: loss, logits and every
+    gradient (the v3 style has a dense stack, a routed stack and MTP)."""
+    cfg = tc.v3_style()
+    ids = tc.random_ids(cfg, (B, T), seed=4)
+    (loss, logits), grads = _grads(cfg, ids)
+    (u_loss, u_logits), u_grads = _grads(cfg, ids, models.Execution(unroll_layers=True))
+    np.testing.assert_allclose(u_loss, loss, rtol=1e-6)
+    chex.assert_trees_all_close(u_logits, logits, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(jax.tree.map(np.asarray, u_grads), jax.tree.map(np.asarray, grads),
+                                atol=1e-6, rtol=1e-6)
+    graphdef, state = nnx.split(tc.build(cfg, seed=0))
+    lowered = lambda ex: jax.jit(lambda st, i: nnx.merge(graphdef, st).forward(i, execution=ex).logits).lower(
+        state, jnp.asarray(ids)).as_text()
+    # Stacks of two or more layers lose their loop (lax.scan keeps a one-trip loop for one layer).
+    self.assertLess(lowered(models.Execution(unroll_layers=True)).count("stablehlo.while"),
+                    lowered(models.Execution()).count("stablehlo.while"))
+    with self.assertRaisesRegex(ValueError, "unroll_layers"):
+      models.Execution(unroll_layers="yes")
+
   @parameterized.named_parameters(("full", "full"), ("dots", "dots"))
   def test_remat_matches_no_remat(self, policy):
     """Rematerialisation lives in the shared layer scan, so one style (sharing the gradient test's
