@@ -7,7 +7,8 @@
 Each variant is a MoE backend (`dropless`, or `capacity:<factor>`) with optional `+remat=<policy>`,
 `+attn=<xla|cudnn>`, `+gmm=<auto|xla|tokamax>`, `+logits=compute`, `+unroll=true` (the fields of models.Execution; grouped_matmul
 "auto" is resolved for the device, as `sharding.make_execution` does) and `+moments=bfloat16` (Adam's
-moments stored in bf16, `optim.moment_dtype`), e.g. `capacity:1.0+attn=cudnn`
+moments stored in bf16, `optim.moment_dtype`) and `+lse=onepass` (the loss reads the logits once for
+their logsumexp, `training.loss.ONE_PASS_LOGSUMEXP`), e.g. `capacity:1.0+attn=cudnn`
 or `dropless+attn=cudnn`. For each:
 compile, warm up, then time `--steps` steps one by one (blocking on the loss after each) and report the
 median step time, tokens/s, model TFLOP/s per device (6·activated params + 3·causal attention per
@@ -50,6 +51,7 @@ from ml_collections import config_flags
 import models
 import sharding
 from models import counting
+from training import loss as loss_lib
 from training import optimizer as optim_lib
 from training import memory as memory_lib
 from training import run_state
@@ -88,12 +90,13 @@ def parse_variant(spec: str) -> dict:
   else:
     raise ValueError(f"unknown variant {spec!r}: expected dropless or capacity:<factor>, then +key=value options")
   names = {"remat": "remat_policy", "attn": "attention_impl", "gmm": "grouped_matmul", "moments": "moment_dtype",
-           "logits": "logits_dtype", "unroll": "unroll_layers"}
+           "logits": "logits_dtype", "unroll": "unroll_layers", "lse": "logsumexp"}
   for option in options:
     key, _, value = option.partition("=")
     if key not in names or not value:
       raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: remat=<policy>, attn=<impl>, "
-                       "gmm=<impl>, moments=<float32|bfloat16>, logits=<float32|compute>, unroll=<true|false>)")
+                       "gmm=<impl>, moments=<float32|bfloat16>, logits=<float32|compute>, unroll=<true|false>, "
+                       "lse=<onepass|twopass>)")
     fields[names[key]] = {"true": True, "false": False}.get(value, value) if key == "unroll" else value
   return fields
 
@@ -143,12 +146,25 @@ def random_batch(vocab_size: int, batch: int, seq: int, docs_per_row: int = 1, s
           "segment_ids": jnp.asarray(np.broadcast_to(segments, (batch, seq)), jnp.int32)}
 
 
+NON_EXECUTION_FIELDS = ("moment_dtype", "logsumexp")
+
+
 def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, profile_dir: str = "",
                  mesh: jax.sharding.Mesh | None = None) -> dict:
+  """One variant's row; `logsumexp` (onepass|twopass) sets `training.loss.ONE_PASS_LOGSUMEXP` for it."""
+  saved = loss_lib.ONE_PASS_LOGSUMEXP
+  loss_lib.ONE_PASS_LOGSUMEXP = {"onepass": True, "twopass": False}[fields.get("logsumexp", "twopass")]
+  try:
+    return _time_variant(config, fields, batch, warmup, steps, profile_dir, mesh)
+  finally:
+    loss_lib.ONE_PASS_LOGSUMEXP = saved
+
+
+def _time_variant(config, fields, batch, warmup, steps, profile_dir, mesh) -> dict:
   config = config.copy_and_resolve_references()
-  if "moment_dtype" in fields:  # an optimizer setting; the rest are execution fields
+  if "moment_dtype" in fields:  # an optimizer setting
     config.optim.moment_dtype = fields["moment_dtype"]
-  config.execution.update({k: v for k, v in fields.items() if k != "moment_dtype"})
+  config.execution.update({k: v for k, v in fields.items() if k not in NON_EXECUTION_FIELDS})
   model_cfg = models.from_dict(config.model.to_dict())
   platform = jax.devices()[0].platform
   tx = optim_lib.make_optimizer(config.optim, config.total_steps)

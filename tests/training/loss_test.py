@@ -1,6 +1,7 @@
 """training/loss.py: the hand-written NLL gradient and the unsliced shifted targets, against the plain
 formulas autodiff differentiates (float32, tight tolerances), on random logits (never zeros)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +43,21 @@ class TokenNllTest(absltest.TestCase):
     self.assertEqual(grad.dtype, jnp.bfloat16)
     ref = jax.grad(lambda x: jnp.sum(weights * _reference_nll(x, targets)))(logits.astype(jnp.float32))
     np.testing.assert_allclose(grad.astype(jnp.float32), ref, rtol=1e-2, atol=1e-3)  # one bf16 rounding
+
+  def test_one_pass_logsumexp(self):
+    logits, targets, weights = _inputs(5)
+    logits = logits.at[0, 0, 3].set(80.0).at[1, 2].set(-40.0)  # a dominant logit; a flat row
+    np.testing.assert_allclose(loss_lib.logsumexp_one_pass(logits), jax.nn.logsumexp(logits, axis=-1),
+                               rtol=1e-6, atol=1e-6)
+    self.assertEqual(float(loss_lib.logsumexp_one_pass(jnp.full((1, 4), -jnp.inf))[0]), -np.inf)
+    fn = lambda x: jnp.sum(weights * loss_lib.token_nll(x, targets))
+    two_pass = jax.value_and_grad(fn)(logits)
+    try:
+      loss_lib.ONE_PASS_LOGSUMEXP = True
+      one_pass = jax.value_and_grad(fn)(logits)
+    finally:
+      loss_lib.ONE_PASS_LOGSUMEXP = False
+    chex.assert_trees_all_close(one_pass, two_pass, rtol=1e-6, atol=1e-6)
 
   def test_jit_and_vmap(self):
     logits, targets, _ = _inputs(2)
