@@ -5,7 +5,7 @@
   python -m benchmarks.train_step --meshes=expert=1,expert=2,expert=4,expert=8 --variants=dropless  # weak scaling
 
 Each variant is a MoE backend (`dropless`, or `capacity:<factor>`) with optional `+remat=<policy>`,
-`+attn=<xla|cudnn>`, `+gmm=<auto|xla|tokamax>`, `+logits=compute`, `+unroll=true` (the fields of models.Execution; grouped_matmul
+`+attn=<xla|cudnn>`, `+gmm=<auto|xla|tokamax>`, `+logits=compute`, `+unroll=true`, `+cast=true` (the fields of models.Execution; grouped_matmul
 "auto" is resolved for the device, as `sharding.make_execution` does) and `+moments=bfloat16` (Adam's
 moments stored in bf16, `optim.moment_dtype`) and `+lse=onepass` (the loss reads the logits once for
 their logsumexp, `training.loss.ONE_PASS_LOGSUMEXP`), e.g. `capacity:1.0+attn=cudnn`
@@ -90,14 +90,15 @@ def parse_variant(spec: str) -> dict:
   else:
     raise ValueError(f"unknown variant {spec!r}: expected dropless or capacity:<factor>, then +key=value options")
   names = {"remat": "remat_policy", "attn": "attention_impl", "gmm": "grouped_matmul", "moments": "moment_dtype",
-           "logits": "logits_dtype", "unroll": "unroll_layers", "lse": "logsumexp"}
+           "logits": "logits_dtype", "unroll": "unroll_layers", "lse": "logsumexp",
+           "cast": "cast_weights_once"}
   for option in options:
     key, _, value = option.partition("=")
     if key not in names or not value:
       raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: remat=<policy>, attn=<impl>, "
                        "gmm=<impl>, moments=<float32|bfloat16>, logits=<float32|compute>, unroll=<true|false>, "
-                       "lse=<onepass|twopass>)")
-    fields[names[key]] = {"true": True, "false": False}.get(value, value) if key == "unroll" else value
+                       "lse=<onepass|twopass>, cast=<true|false>)")
+    fields[names[key]] = {"true": True, "false": False}.get(value, value) if key in ("unroll", "cast") else value
   return fields
 
 

@@ -42,6 +42,7 @@ def run_config(model: dict, **run_fields) -> ml_collections.ConfigDict:
       attention_impl="xla",  # xla (einsums, any device) | cudnn (fused flash attention; GPU, bf16)
       remat_policy="none",  # none | full | dots: what the backward pass recomputes per layer
       unroll_layers=False,  # True: the layer stacks unrolled (no while loop; compile time grows with depth)
+      cast_weights_once=False,  # True: matmul weights cast to the compute dtype before the forward (bf16 grads)
       logits_dtype="float32",  # float32 | compute: the LM heads' output (compute: bf16 logits, half the traffic)
       dispatch_factor=0.0,  # expert parallelism: send-buffer rows per shard / balanced share (0: worst case)
   ))

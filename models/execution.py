@@ -78,6 +78,11 @@ class Execution:
   # no while loop, so no zero-filled [L, ...] buffers for the stacked residuals and weight gradients and
   # no loop-carry copies; compile time grows with depth). The same function either way.
   unroll_layers: bool = False
+  # Train steps: cast the weights that only feed compute-dtype matmuls (≥ 2-D, not the embedding or the
+  # float32 router) to the compute dtype once, before the forward, so their gradients stay in that dtype
+  # up to the optimizer (half the traffic of the stacked gradient buffers, the clipping norm and the
+  # update's reads). Values are unchanged: each such gradient is a compute-dtype product either way.
+  cast_weights_once: bool = False
   # Expert parallelism: rows of each device's send buffer per destination shard, as a multiple of the
   # balanced share (ceil(f · assignments / shards)); a step where some device would send more runs
   # with room for every assignment instead (still dropless). 0: always room for every assignment.
@@ -99,8 +104,9 @@ class Execution:
       raise ValueError(f"unknown grouped_matmul {self.grouped_matmul!r}; expected one of {GROUPED_MATMULS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}")
-    if not isinstance(self.unroll_layers, bool):
-      raise ValueError(f"unroll_layers must be True or False, got {self.unroll_layers!r}")
+    for name in ("unroll_layers", "cast_weights_once"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
     if self.logits_dtype not in LOGITS_DTYPES:
       raise ValueError(f"unknown logits_dtype {self.logits_dtype!r}; expected one of {LOGITS_DTYPES}")
 

@@ -17,8 +17,26 @@ from training import loss as loss_lib
 from training.state import ModelDef, TrainState
 
 
+def cast_matmul_weights(params: dict, dtype) -> dict:
+  """`params` with the matrices (floating, ≥ 2-D; not norm scales, biases, the embedding table or the
+  routers' kernels) in `dtype`:
+  the weights the model reads only as compute-dtype matmul operands (models/layers.py `matmul`, the
+  experts' grouped matmuls). The embedding's gradient is a scatter-add of many rows and the router runs
+  in float32, so both stay as they are."""
+  def cast(path, leaf):
+    names = [str(getattr(k, "key", k)) for k in path]
+    name = names[-1]
+    keep = (leaf.ndim < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating) or name in ("embed", "scale")
+            or name.endswith("bias") or "router" in names)  # norm scales and biases: [L, D] when stacked
+    return leaf if keep else leaf.astype(dtype)
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def forward(modeldef: ModelDef, params, router_bias, batch, *, with_mtp: bool, execution: models.Execution):
-  """The model rebuilt from pure dicts, run on a packed batch {tokens, positions, segment_ids}."""
+  """The model rebuilt from pure dicts, run on a packed batch {tokens, positions, segment_ids}
+  (`execution.cast_weights_once`: on `cast_matmul_weights(params)`)."""
+  if execution.cast_weights_once:
+    params = cast_matmul_weights(params, modeldef.cfg.dtype)
   model = modeldef.merge(params, router_bias)
   return model.forward(batch["tokens"], batch["positions"], batch["segment_ids"], with_mtp=with_mtp,
                        execution=execution)

@@ -16,9 +16,9 @@ class TrainStepBenchmarkTest(absltest.TestCase):
                       "attention_impl": "cudnn"})
     self.assertEqual(parse_variant("dropless+moments=bfloat16"),
                      {"moe_backend": "dropless", "moment_dtype": "bfloat16"})
-    self.assertEqual(parse_variant("dropless+logits=compute+unroll=true+lse=onepass"),
+    self.assertEqual(parse_variant("dropless+logits=compute+unroll=true+lse=onepass+cast=true"),
                      {"moe_backend": "dropless", "logits_dtype": "compute", "unroll_layers": True,
-                      "logsumexp": "onepass"})
+                      "logsumexp": "onepass", "cast_weights_once": True})
     for bad in ("einsum", "capacity:1.0+remat", "dropless+heads=4"):
       with self.assertRaises(ValueError):
         parse_variant(bad)
