@@ -9,7 +9,7 @@ from configs.common import RELEASED_NUMERICS, released_rope, run_config
 
 
 def get_config():
-  return run_config(dict(
+  config = run_config(dict(
       vocab_size=129280,
       hidden_size=7168,
       num_layers=61,  # main model; the MTP module adds one more block
@@ -36,3 +36,5 @@ def get_config():
       mtp_depth=1,
       **RELEASED_NUMERICS,
   ))
+  config.optim.moment_dtype = "bfloat16"  # V3 keeps AdamW's moments in BF16 (its report: low-precision storage)
+  return config

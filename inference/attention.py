@@ -26,8 +26,8 @@ _NEG = jnp.finfo(jnp.float32).min
 DECODE_KERNEL = {}
 # With the kernel: the attention projections (wq or wq_a/wq_b, wkv_a, wo) through
 # inference/streamed_matmul.py's split-K kernel instead of XLA's GEMMs, which ran at ~30 % of the HBM
-# bandwidth at 32–64 rows on an H200 (73–86 µs a bench-model step for ~21 µs of weights). Off until
-# measured on a GPU (benchmarks/decode.py's `proj=kernel`).
+# bandwidth at 32–64 rows on an H200 (73–86 µs a bench-model step for ~21 µs of weights). Off: with
+# `dense=kernel` it made an H100 step slower (see inference/experts.py `SMALL_DENSE_KERNEL`).
 STREAMED_PROJECTIONS = False
 
 

@@ -53,7 +53,8 @@ INT8_TILES = {"gate_up": dict(block_n=128, block_k=128, num_warps=4, num_stages=
 
 # A decode step's routing after the router's matmul (scores, top-k, weights, the dropless layout) as
 # inference/route_kernel.py's one kernel instead of ~10 XLA ones a layer, for routers without expert
-# groups. Off until measured on a GPU (benchmarks/decode.py's `route=kernel`).
+# groups. Off: on an H100 (2026-12-07, benchmarks/RESULTS.md) `route=kernel` gave 1.629 against 1.637
+# ms a batch-32 step (within the repeats' spread) and 1.892 against 1.838 at batch 64 × 1024.
 ROUTE_KERNEL = False
 ROUTE_SETTINGS = {}  # route_kernel.route's settings (tests: interpret=True)
 
@@ -81,9 +82,10 @@ def small_batch_kernel(moe: MoE, execution: Execution, num_tokens: int) -> bool:
 
 # Dense SwiGLU MLPs (the first dense layers, shared experts) at decode sizes through
 # inference/streamed_matmul.py's split-K kernel instead of XLA's GEMMs (these ran at ~40 % of the HBM
-# bandwidth at M = 32–64 rows on an H200, bf16). Off until measured on a GPU (benchmarks/decode.py's
-# `dense=kernel`): its first version, one column tile per program and no split of K, was slower (1.385
-# against 1.340 ms a batch-32 step): 16–171 programs, too few to keep 132 SMs streaming.
+# bandwidth at M = 32–64 rows on an H200, bf16). Off: slower. Its first version, one column tile per
+# program and no split of K, gave 1.385 against 1.340 ms a batch-32 step on an H200 (16–171 programs, too
+# few to keep 132 SMs streaming); the split-K version, with `proj=kernel`, 1.678 against 1.637 ms on an
+# H100 (1.936 against 1.838 at batch 64 × 1024; benchmarks/RESULTS.md).
 SMALL_DENSE_KERNEL = False
 SMALL_DENSE_ROWS = 128  # rows (B·T) up to which a dense MLP counts as small: one row tile holds them all
 DENSE_TILES = {"gate_up": dict(block_n=64, block_k=128, num_warps=4, num_stages=3),
@@ -210,7 +212,8 @@ def grouped_ffn(x_MK, weights, layer_1, group_sizes_G, *, block_n: int, block_k:
   scales, applied to the float32 products). weights_lhs: each tile product as (w·xᵀ)ᵀ, the weight the
   dot's left operand: on Hopper, wgmma can take its left operand from registers, where a weight tile
   converted from int8 already is; its right operand must come from shared memory (an experiment for
-  int8 tiles, which stream at ~2.5 TB/s against ~4.4 for bf16 ones on an H200)."""
+  int8 tiles, which stream at ~2.5 TB/s against ~4.4 for bf16 ones on an H200; on an H100 it made an
+  int8 batch-32 step slower, 1.668 against 1.254 ms, so it is not used by default)."""
   from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
   from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
 
