@@ -24,7 +24,7 @@ def cast_matmul_weights(params: dict, dtype) -> dict:
   experts' grouped matmuls). The embedding's gradient is a scatter-add of many rows and the router runs
   in float32, so both stay as they are."""
   def cast(path, leaf):
-    names = [str(getattr(k, "key", k)) for k in path]
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]  # dict keys, dataclass fields
     name = names[-1]
     keep = (leaf.ndim < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating) or name in ("embed", "scale")
             or name.endswith("bias") or "router" in names)  # norm scales and biases: [L, D] when stacked

@@ -8,6 +8,7 @@ from absl.testing import absltest
 
 import models
 from configs import tiny
+from models import quantized
 from training import optimizer as optim_lib
 from training import step as step_lib
 from training.state import init_state
@@ -44,6 +45,10 @@ class CastWeightsOnceTest(absltest.TestCase):
     self.assertEqual(dtypes["['lm_head']"], jnp.bfloat16)
     self.assertTrue(all(d == jnp.float32 for k, d in dtypes.items() if "router" in k or "scale" in k))
     self.assertIn(jnp.dtype(jnp.bfloat16), {d for k, d in dtypes.items() if "experts" in k})
+    # A quantized weight keeps its float32 scale (a dataclass field, not a dict key).
+    int8 = quantized.Int8Weight(jnp.zeros((3, 4, 5), jnp.int8), jnp.ones((3, 1, 5), jnp.float32), (-2,))
+    cast_int8 = step_lib.cast_matmul_weights({"ffn": {"gate": int8}}, jnp.bfloat16)["ffn"]["gate"]
+    self.assertEqual((cast_int8.values.dtype, cast_int8.scale.dtype), (jnp.int8, jnp.float32))
 
 
 if __name__ == "__main__":
