@@ -4,13 +4,13 @@
   python -m benchmarks.train_step --variants=capacity:1.0+attn=cudnn,dropless --docs_per_row=4 --steps=10
   python -m benchmarks.train_step --meshes=expert=1,expert=2,expert=4,expert=8 --variants=dropless  # weak scaling
 
-Each variant is a MoE backend (`dropless`, or `capacity:<factor>`) with optional `+remat=<policy>`,
-`+attn=<xla|cudnn>`, `+gmm=<auto|xla|tokamax>`, `+logits=compute`, `+unroll=true`, `+cast=true` (the fields of models.Execution; grouped_matmul
-"auto" is resolved for the device, as `sharding.make_execution` does) and `+moments=bfloat16` (Adam's
-moments stored in bf16, `optim.moment_dtype`) and `+lse=onepass` (the loss reads the logits once for
-their logsumexp, `training.loss.ONE_PASS_LOGSUMEXP`), e.g. `capacity:1.0+attn=cudnn`
-or `dropless+attn=cudnn`. For each:
-compile, warm up, then time `--steps` steps one by one (blocking on the loss after each) and report the
+Each variant is a MoE backend (`dropless`, or `capacity:<factor>`) with options:
+models.Execution fields `+remat=<policy>`, `+attn=<xla|cudnn>`, `+gmm=<auto|xla|tokamax>` (grouped_matmul
+"auto" is resolved for the device, as `sharding.make_execution` does), `+logits=compute`,
+`+unroll=true`, `+cast=true`; the optimizer's `+moments=<float32|bfloat16>` (`optim.moment_dtype`; the
+bench config stores bf16 moments); and `+lse=onepass` (the loss reads the logits once for their
+logsumexp, `training.loss.ONE_PASS_LOGSUMEXP`). E.g. `capacity:1.0+attn=cudnn` or `dropless+attn=cudnn`.
+For each: compile, warm up, then time `--steps` steps one by one (blocking on the loss after each) and report the
 median step time, tokens/s, model TFLOP/s per device (6·activated params + 3·causal attention per
 token, models/counting.py), MFU against the device's dense bf16 peak, and the step's memory (XLA's
 memory analysis). Tokens are random (never zeros). The first step's loss is printed per variant as a
