@@ -60,6 +60,17 @@ def _grads(cfg, ids, execution=models.Execution()):
   return _grad_fn(cfg, execution)(tc.build(cfg, seed=0), jnp.asarray(ids))
 
 
+def _assert_same_function(cfg, ids, execution, tol):
+  """`execution` gives the default execution's loss, logits and gradients within `tol`; returns the logits."""
+  (loss, logits), grads = _grads(cfg, ids)
+  (other_loss, other_logits), other_grads = _grads(cfg, ids, execution)
+  np.testing.assert_allclose(other_loss, loss, rtol=tol)
+  chex.assert_trees_all_close(other_logits, logits, atol=tol, rtol=tol)
+  chex.assert_trees_all_close(jax.tree.map(np.asarray, other_grads), jax.tree.map(np.asarray, grads),
+                              atol=tol, rtol=tol)
+  return logits
+
+
 class TransformerTest(chex.TestCase):
 
   @parameterized.named_parameters(*STYLE_PARAMS)
@@ -124,12 +135,7 @@ class TransformerTest(chex.TestCase):
     gradient (the v3 style has a dense stack, a routed stack and MTP)."""
     cfg = tc.v3_style()
     ids = tc.random_ids(cfg, (B, T), seed=4)
-    (loss, logits), grads = _grads(cfg, ids)
-    (u_loss, u_logits), u_grads = _grads(cfg, ids, models.Execution(unroll_layers=True))
-    np.testing.assert_allclose(u_loss, loss, rtol=1e-6)
-    chex.assert_trees_all_close(u_logits, logits, atol=1e-6, rtol=1e-6)
-    chex.assert_trees_all_close(jax.tree.map(np.asarray, u_grads), jax.tree.map(np.asarray, grads),
-                                atol=1e-6, rtol=1e-6)
+    _assert_same_function(cfg, ids, models.Execution(unroll_layers=True), 1e-6)
     graphdef, state = nnx.split(tc.build(cfg, seed=0))
     lowered = lambda ex: jax.jit(lambda st, i: nnx.merge(graphdef, st).forward(i, execution=ex).logits).lower(
         state, jnp.asarray(ids)).as_text()
@@ -145,12 +151,7 @@ class TransformerTest(chex.TestCase):
     compile of the "none" policy) covers it."""
     cfg = tc.v2_lite_style()
     ids = tc.random_ids(cfg, (B, T), seed=3)
-    (loss, logits), grads = _grads(cfg, ids)
-    (remat_loss, remat_logits), remat_grads = _grads(cfg, ids, models.Execution(remat_policy=policy))
-    np.testing.assert_allclose(remat_loss, loss, rtol=1e-5)
-    chex.assert_trees_all_close(remat_logits, logits, atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(jax.tree.map(np.asarray, remat_grads), jax.tree.map(np.asarray, grads),
-                                atol=1e-5, rtol=1e-5)
+    logits = _assert_same_function(cfg, ids, models.Execution(remat_policy=policy), 1e-5)
     np.testing.assert_allclose(logits, _logits("v2_lite", ids).logits, atol=1e-5, rtol=1e-5)
 
   @parameterized.named_parameters(*STYLE_PARAMS)
