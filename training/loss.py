@@ -87,7 +87,8 @@ def _token_nll_fwd(logits_BTV, targets_BT):
 def _token_nll_bwd(residuals, g_BT):
   logits_BTV, targets_BT, logz_BT = residuals
   probs_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - logz_BT[..., None])
-  onehot_BTV = targets_BT[..., None] == jax.lax.broadcasted_iota(targets_BT.dtype, logits_BTV.shape, 2)
+  vocab_BTV = jax.lax.broadcasted_iota(targets_BT.dtype, logits_BTV.shape, logits_BTV.ndim - 1)
+  onehot_BTV = targets_BT[..., None] == vocab_BTV
   d_BTV = g_BT[..., None] * (probs_BTV - onehot_BTV.astype(jnp.float32))
   return d_BTV.astype(logits_BTV.dtype), None
 
