@@ -31,12 +31,20 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
   return schedule
 
 
+def leaf_name(key) -> str:
+  """The name of one entry of a pytree path: a dict key or a dataclass field."""
+  return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def is_matrix(path, leaf) -> bool:
+  """Whether a parameter is a weight matrix: not 1-D, not a norm scale or a bias ([L, D] when stacked)."""
+  name = leaf_name(path[-1])
+  return not (name == "scale" or name.endswith("bias") or jnp.ndim(leaf) <= 1)
+
+
 def decay_mask(params):
-  """True for parameters that get weight decay: matrices, not norm scales or biases."""
-  def decays(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    return not (name == "scale" or name.endswith("bias") or jnp.ndim(leaf) <= 1)
-  return jax.tree_util.tree_map_with_path(decays, params)
+  """True for parameters that get weight decay: matrices (`is_matrix`), not norm scales or biases."""
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype) -> optax.GradientTransformation:

@@ -14,20 +14,19 @@ import optax
 import models
 from training import adapters
 from training import loss as loss_lib
+from training import optimizer as optim_lib
 from training.state import ModelDef, TrainState
 
 
 def cast_matmul_weights(params: dict, dtype) -> dict:
-  """`params` with the matrices (floating, ≥ 2-D; not norm scales, biases, the embedding table or the
-  routers' kernels) in `dtype`:
-  the weights the model reads only as compute-dtype matmul operands (models/layers.py `matmul`, the
-  experts' grouped matmuls). The embedding's gradient is a scatter-add of many rows and the router runs
-  in float32, so both stay as they are."""
+  """`params` with the floating weight matrices (`optimizer.is_matrix`) in `dtype`, except the embedding
+  table and the routers' kernels: the weights the model reads only as compute-dtype matmul operands
+  (models/layers.py `matmul`, the experts' grouped matmuls). The embedding's gradient is a scatter-add
+  of many rows and the router runs in float32, so both stay as they are."""
   def cast(path, leaf):
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]  # dict keys, dataclass fields
-    name = names[-1]
-    keep = (leaf.ndim < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating) or name in ("embed", "scale")
-            or name.endswith("bias") or "router" in names)  # norm scales and biases: [L, D] when stacked
+    names = [optim_lib.leaf_name(k) for k in path]
+    keep = (not optim_lib.is_matrix(path, leaf) or not jnp.issubdtype(leaf.dtype, jnp.floating)
+            or names[-1] == "embed" or "router" in names)
     return leaf if keep else leaf.astype(dtype)
   return jax.tree_util.tree_map_with_path(cast, params)
 
