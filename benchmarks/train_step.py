@@ -41,6 +41,7 @@ import re
 import statistics
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +99,11 @@ def parse_variant(spec: str) -> dict:
       raise ValueError(f"unknown option {option!r} in variant {spec!r} (known: remat=<policy>, attn=<impl>, "
                        "gmm=<impl>, moments=<float32|bfloat16>, logits=<float32|compute>, unroll=<true|false>, "
                        "lse=<onepass|twopass>, cast=<true|false>)")
-    fields[names[key]] = {"true": True, "false": False}.get(value, value) if key in ("unroll", "cast") else value
+    allowed = {"unroll": {"true": True, "false": False}, "cast": {"true": True, "false": False},
+               "lse": {"onepass": "onepass", "twopass": "twopass"}}.get(key)
+    if allowed is not None and value not in allowed:
+      raise ValueError(f"option {option!r} in variant {spec!r}: expected {key}=<{'|'.join(allowed)}>")
+    fields[names[key]] = value if allowed is None else allowed[value]
   return fields
 
 
@@ -153,12 +158,8 @@ NON_EXECUTION_FIELDS = ("moment_dtype", "logsumexp")
 def time_variant(config, fields: dict, batch: dict, warmup: int, steps: int, profile_dir: str = "",
                  mesh: jax.sharding.Mesh | None = None) -> dict:
   """One variant's row; `logsumexp` (onepass|twopass) sets `training.loss.ONE_PASS_LOGSUMEXP` for it."""
-  saved = loss_lib.ONE_PASS_LOGSUMEXP
-  loss_lib.ONE_PASS_LOGSUMEXP = {"onepass": True, "twopass": False}[fields.get("logsumexp", "twopass")]
-  try:
+  with mock.patch.object(loss_lib, "ONE_PASS_LOGSUMEXP", fields.get("logsumexp") == "onepass"):
     return _time_variant(config, fields, batch, warmup, steps, profile_dir, mesh)
-  finally:
-    loss_lib.ONE_PASS_LOGSUMEXP = saved
 
 
 def _time_variant(config, fields, batch, warmup, steps, profile_dir, mesh) -> dict:

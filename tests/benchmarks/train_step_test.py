@@ -19,7 +19,7 @@ class TrainStepBenchmarkTest(absltest.TestCase):
     self.assertEqual(parse_variant("dropless+logits=compute+unroll=true+lse=onepass+cast=true"),
                      {"moe_backend": "dropless", "logits_dtype": "compute", "unroll_layers": True,
                       "logsumexp": "onepass", "cast_weights_once": True})
-    for bad in ("einsum", "capacity:1.0+remat", "dropless+heads=4"):
+    for bad in ("einsum", "capacity:1.0+remat", "dropless+heads=4", "dropless+unroll=yes", "dropless+lse=fast"):
       with self.assertRaises(ValueError):
         parse_variant(bad)
 
