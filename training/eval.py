@@ -34,14 +34,17 @@ def make_eval_step(modeldef: ModelDef, token_bytes, execution: models.Execution 
   def eval_step(state: TrainState, batch: dict):
     params = adapters.model_params(state.params, state.base_params, lora_cfg)
     out = forward(modeldef, params, state.router_bias, batch, with_mtp=with_mtp, execution=execution)
-    mask = loss_lib.batch_target_mask(batch, 1, masked)
-    nll = loss_lib.token_nll(out.logits[:, :-1], batch["tokens"][:, 1:])
+    length = out.logits.shape[1]  # targets shifted to the logits, as the loss does: no [B, T, V] slice
+    mask = loss_lib.shifted_mask(loss_lib.batch_target_mask(batch, 1, masked), length)
+    targets = loss_lib.shifted_targets(batch["tokens"], 1, length)
+    nll = loss_lib.token_nll(out.logits, targets)
     sums = {"nll_sum": jnp.sum(jnp.where(mask, nll, 0.0)),
-            "bytes": jnp.sum(jnp.where(mask, token_bytes[batch["tokens"][:, 1:]], 0.0)),
+            "bytes": jnp.sum(jnp.where(mask, token_bytes[targets], 0.0)),
             "count": jnp.sum(mask).astype(jnp.float32)}
     if with_mtp:
-      mtp_mask = loss_lib.batch_target_mask(batch, 2, masked)
-      mtp_nll = loss_lib.token_nll(out.mtp_logits[:, :-1], batch["tokens"][:, 2:])
+      mtp_length = out.mtp_logits.shape[1]
+      mtp_mask = loss_lib.shifted_mask(loss_lib.batch_target_mask(batch, 2, masked), mtp_length)
+      mtp_nll = loss_lib.token_nll(out.mtp_logits, loss_lib.shifted_targets(batch["tokens"], 2, mtp_length))
       sums["mtp_nll_sum"] = jnp.sum(jnp.where(mtp_mask, mtp_nll, 0.0))
       sums["mtp_count"] = jnp.sum(mtp_mask).astype(jnp.float32)
     return sums, out.expert_loads()
