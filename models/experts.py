@@ -120,15 +120,12 @@ def sort_by_expert(experts_A, num_experts: int):
 
 def _sort_by_counting(experts_A, num_experts: int):
   """`sort_by_expert` without a sort or a scatter, for a few assignments: an assignment's row is its
-  expert's first row plus how many earlier assignments chose that expert (a running count), and
+  expert's first row plus how many earlier assignments chose that expert (`arrival_order`), and
   source_S inverts position_A by matching every row with every assignment."""
   a = experts_A.shape[0]
-  onehot_AE = experts_A[:, None] == jnp.arange(num_experts, dtype=experts_A.dtype)
-  running_AE = jnp.cumsum(onehot_AE, axis=0, dtype=jnp.int32)  # counts up to and including a
-  group_sizes_E = running_AE[-1]
+  group_sizes_E = count_ids(experts_A, num_experts)
   starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-  position_A = jnp.sum(jnp.where(onehot_AE, starts_E + running_AE - 1, 0), axis=1, dtype=jnp.int32)
-  position_A = jnp.where(jnp.any(onehot_AE, axis=1), position_A, a)
+  position_A = jnp.where(experts_A < num_experts, arrival_order(experts_A, num_experts, starts_E), a)
   return group_sizes_E, invert_positions(position_A), position_A
 
 
